@@ -1,0 +1,35 @@
+"""One exception hierarchy for the whole library.
+
+Every message says what was wrong, where, and what to do about it.
+"""
+from __future__ import annotations
+
+
+class RankwiseError(Exception):
+    """Base class of every error rankwise raises on purpose."""
+
+
+class ConfigError(RankwiseError, ValueError):
+    """A configuration field has a bad value, or a config file has an unknown key."""
+
+
+class TargetError(RankwiseError, ValueError):
+    """`target_modules` matched nothing, or matched a layer type the method cannot adapt."""
+
+
+class CheckpointError(RankwiseError, OSError):
+    """An adapter/checkpoint file is missing, truncated, corrupted or belongs to another model."""
+
+
+class ShapeError(RankwiseError, ValueError):
+    """Tensor shapes do not fit together."""
+
+
+class AdapterStateError(RankwiseError, RuntimeError):
+    """The requested operation is not valid in the adapter's current state (merged, unknown name, ...)."""
+
+
+def check_field(condition: bool, config_name: str, field: str, value, allowed: str) -> None:
+    """Raise `ConfigError` naming the field, its bad value and what is allowed, unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{config_name}.{field}={value!r} is invalid: expected {allowed}.")
