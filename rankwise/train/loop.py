@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
-from rich.progress import BarColumn, MofNCompletionColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rankwise.core.errors import ConfigError
 
@@ -117,7 +117,7 @@ def train(
         optimizer, lr_lambda(config.schedule, total, int(config.warmup_ratio * total))
     )
     state = TrainState(model, optimizer, scheduler)
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompletionColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=total, loss=float("nan"))
         for epoch in range(config.epochs):
