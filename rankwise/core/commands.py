@@ -102,6 +102,6 @@ def register(app: typer.Typer) -> None:
         """LoRA on the embedded all-MiniLM-L6-v2 + 3-class tweet sentiment, before/after table (a few minutes on 2 CPU cores)."""
         finetune(
             method="lora", rank=8, targets="query,key,value,dense", option=["lora_alpha=16"], epochs=2, lr=2e-3,
-            batch_size=32, max_length=64, train_size=3000, test_size=1000, data=None, text_field="text",
+            batch_size=32, max_length=64, train_size=2400, test_size=800, data=None, text_field="text",
             label_field="label", model=None, output=output, seed=0, threads=0,
         )

@@ -59,6 +59,8 @@ def _batches(ids, labels, batch_size, pad_id, seed=None):
     order = list(range(len(ids)))
     if seed is not None:
         random.Random(seed).shuffle(order)
+    else:  # evaluation: group similar lengths so batches carry little padding
+        order.sort(key=lambda i: len(ids[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [_collate([ids[j] for j in c], [labels[j] for j in c], pad_id) for c in chunks]
 
@@ -104,7 +106,11 @@ def finetune_classifier(
         progress=progress,
     )
     train_seconds = time.perf_counter() - started
-    after = evaluate(model, test_batches)
+    evals = [h for h in state.history if "eval_accuracy" in h]
+    if evals and evals[-1]["step"] == state.step:  # the loop already evaluated the final weights
+        after = {"accuracy": evals[-1]["eval_accuracy"], "loss": evals[-1]["eval_loss"]}
+    else:
+        after = evaluate(model, test_batches)
     model.save_adapter(output_dir / "adapter")
     metrics = {
         "method": spec.method,
