@@ -85,3 +85,18 @@ def orthonormal_dct(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     D = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
     D[0] /= math.sqrt(2.0)
     return D.to(dtype)
+
+
+def tucker_product(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """The Tucker tensor `core x_0 U_0 x_1 U_1 ... x_{N-1} U_{N-1}` (n-mode products).
+
+    `core` has shape (r_0, ..., r_{N-1}) and `factors[i]` is (d_i, r_i); the result is (d_0, ..., d_{N-1}).
+    Each step contracts the leading mode and appends the expanded one, so after N steps the modes are
+    back in order.
+    """
+    if len(factors) != core.dim():
+        raise ValueError(f"tucker_product: core has {core.dim()} modes but {len(factors)} factors were given")
+    result = core
+    for factor in factors:
+        result = torch.tensordot(result, factor, dims=([0], [1]))
+    return result
