@@ -19,6 +19,7 @@ SMALL_KWARGS: dict[str, dict] = {
     "lora": {"r": 4, "lora_alpha": 8},
     "flora": {"r": 4, "kernel_r": 2},
     "sara": {"fraction": 0.25},
+    "b4m": {"r": 4},
     "mos": {"r": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
 }
 
