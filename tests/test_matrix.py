@@ -21,6 +21,7 @@ SMALL_KWARGS: dict[str, dict] = {
     "sara": {"fraction": 0.25},
     "b4m": {"r": 4},
     "snell": {"low_rank_dim": 4, "sparsity": 0.3, "competition": "mask"},  # see test_snell for "magnitude"
+    "snella": {"low_rank_dim": 4, "sparsity": 0.3, "competition": "mask"},
     "mos": {"r": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
 }
 
