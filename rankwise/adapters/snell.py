@@ -7,6 +7,8 @@
 
     x ──┬── W (frozen) ─────────────────────┐
         └── dropout ── @ K_s (in x out) ────┴─(+)── y          delta_weight = K_s^T
+    conv layers: "in" is the flattened kernel fan-in (in/groups * kh * kw); K_s^T is reshaped to the kernel and
+    applied as one extra convolution with the base's stride/padding/groups.
 
 Only the factors (q (in + out) numbers) are stored; K, |K| and the mask are rebuilt every step, and with
 `checkpoint=True` (the reference's choice) they are recomputed in backward instead of kept for it.
@@ -35,6 +37,8 @@ class SnellAdapter(Adapter):
     def __init__(self, config: "SnellConfig", layer, module_name: str, shared=None):
         super().__init__(config, layer, module_name, shared)
         per_head = config.low_rank_dim // HEADS
+        self.kind = layer.kind
+        self.weight_shape = tuple(layer.weight_matrix().shape)  # conv: (out, in/g, k...), in_features = (in/g) * prod(k)
         self.lora_In = nn.Parameter(torch.empty(HEADS, layer.in_features, per_head))
         self.lora_Out = nn.Parameter(torch.empty(HEADS, layer.out_features, per_head))
         nn.init.kaiming_uniform_(self.lora_In, a=math.sqrt(5))
@@ -63,15 +67,17 @@ class SnellAdapter(Adapter):
         return update
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        return self.sparse_kernel().T
+        return self.sparse_kernel().T.reshape(self.weight_shape)
 
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+    def _branch(self, x: torch.Tensor, layer) -> torch.Tensor:
+        if self.kind == "conv":  # the kernel-sized update folded into one extra convolution
+            return layer.conv(self.dropout(x), self.delta_weight(None))
         return self.dropout(x) @ self.sparse_kernel()
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
         if self.config.checkpoint and torch.is_grad_enabled() and self.lora_In.requires_grad:
-            return base_out + checkpoint(self._branch, x, use_reentrant=False)
-        return base_out + self._branch(x)
+            return base_out + checkpoint(self._branch, x, layer, use_reentrant=False)
+        return base_out + self._branch(x, layer)
 
 
 @register("snell", adapter=SnellAdapter, family="sparse (kernelised low-rank)", paper="2411.01800")
@@ -95,7 +101,7 @@ class SnellConfig(AdapterConfig):
     checkpoint: bool = True
     dropout: float = 0.0
 
-    supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
+    supported_layers: ClassVar[tuple[str, ...]] = ("linear", "conv")
     init_property: ClassVar[str] = "none"  # the reference kernel is non-zero at init (zero_init=True makes it zero)
     rank_field: ClassVar[str | None] = "low_rank_dim"
 

@@ -108,3 +108,15 @@ def test_reference_init_is_nonzero_and_zero_init_is_exact():
 def test_bad_config(field, value):
     with pytest.raises(ConfigError, match=field):
         rankwise.SnellConfig(target_modules=["x"], **{field: value})
+
+
+def test_conv_kernel_update_including_depthwise():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 12, 1))
+    model = rankwise.adapt(base, rankwise.SnellConfig(low_rank_dim=4, sparsity=0.2, target_modules=["0", "1"]))
+    depthwise = model.model[0].adapters["default"]
+    assert depthwise.lora_In.shape == (2, 9, 2) and depthwise.delta_weight(None).shape == (8, 1, 3, 3)
+    x = torch.randn(2, 8, 5, 5)
+    expected = nn.functional.conv2d(x, base[0].base_layer.weight + depthwise.delta_weight(None), base[0].base_layer.bias,
+                                    padding=1, groups=8)
+    torch.testing.assert_close(model.model[0](x), expected, atol=1e-5, rtol=1e-5)
