@@ -182,6 +182,11 @@ class SaraAdapter(Adapter):
         self.config.selected_counts[self.module_name] = [int(indices.numel()), int(fixed.numel())]
 
 
+def reference_learning_rate(threshold: float) -> float:
+    """The reference's default learning rate when none is given: 1e-3 * exp(-350 * threshold)."""
+    return 1e-3 * math.exp(-350.0 * threshold)
+
+
 def _sara_adapters(model, adapter_name: str) -> list[SaraAdapter]:
     return [layer.adapters[adapter_name] for _, layer in model.adapted_layers()
             if isinstance(layer.adapters[adapter_name] if adapter_name in layer.adapters else None, SaraAdapter)]
