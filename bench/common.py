@@ -52,3 +52,25 @@ def write_json(name: str, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
     return path
+
+
+def run_methods(script: str, methods: tuple[str, ...], extra_args: list[str]) -> dict[str, dict]:
+    """Run `script --method M` once per method, each in a fresh process (peak memory does not mix).
+
+    The script prints one JSON row last; a failing method gets an `error` row instead of stopping the run.
+    Rows gain `time_x_floor` against the "floor" method's median step time.
+    """
+    import subprocess
+    import sys
+
+    rows: dict[str, dict] = {}
+    for method in methods:
+        out = subprocess.run([sys.executable, script, "--method", method, *extra_args], capture_output=True, text=True)
+        lines = (out.stdout if out.returncode == 0 else out.stderr).strip().splitlines() or ["no output"]
+        rows[method] = json.loads(lines[-1]) if out.returncode == 0 else {"method": method, "error": lines[-1]}
+        print(rows[method], flush=True)
+    floor = rows.get("floor", {}).get("step_seconds_median")
+    for row in rows.values():
+        if floor and "step_seconds_median" in row:
+            row["time_x_floor"] = row["step_seconds_median"] / floor
+    return rows

