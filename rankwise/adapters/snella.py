@@ -39,9 +39,14 @@ class SnellaAdapter(SnellAdapter):
     def sparsity(self) -> float:
         return float(self.layer_sparsity)
 
-    def kernel(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    def kernel(self, left: torch.Tensor, right: torch.Tensor, alpha=None, gamma=None, beta=None) -> torch.Tensor:
+        alpha, gamma, beta = (self.alpha if alpha is None else alpha, self.gamma if gamma is None else gamma,
+                              self.beta if beta is None else beta)
         distances = distance_kernel(left, right, self.coefficients)
-        return distances + self.alpha * torch.softmax(distances / self.gamma, dim=1) + self.beta
+        return distances + alpha * torch.softmax(distances / gamma, dim=1) + beta
+
+    def initial_kernel(self) -> torch.Tensor:
+        return self.kernel(self.initial_In, self.initial_Out, alpha=1.0, gamma=1.0, beta=0.0)  # the init values
 
 
 def cubic_budget(step: int, total_steps: int, v_init: float, v_target: float,

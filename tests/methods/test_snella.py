@@ -106,3 +106,13 @@ def test_importance_recursions_two_steps():
 def test_bad_config(field, value):
     with pytest.raises(ConfigError, match=field):
         rankwise.SnellaConfig(target_modules=["x"], **{field: value})
+
+
+def test_zero_init_subtracts_the_kernel_at_initial_scalars():
+    model, reference = _model(zero_init=True, sparsity=0.0)
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(model(x), reference(x))
+    a = _adapters(model)[0]
+    with torch.no_grad():
+        a.beta.fill_(0.05)  # a moved beta is a real change, not cancelled by the subtracted initial kernel
+    torch.testing.assert_close(a.delta_weight(None), torch.full((20, 24), 0.05), atol=1e-6, rtol=0)
