@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rankwise  # noqa: E402
 from rankwise.adapters.b4m import compose  # noqa: E402
 
-from bench.common import write_json  # noqa: E402
+from bench.common import machine, write_json  # noqa: E402
 
 WIDTH, RANK, STEPS, STAGE2_STEPS, LR = 64, 8, 300, 100, 3e-3
 
@@ -114,7 +114,7 @@ def main() -> None:
     results["lora_sum_after_joint"] = {role: measure(alone_models[role], model, base, batch) for role, batch in tasks.items()}
     for method, rows in results.items():
         print(method, {r: {k: round(v, 4) for k, v in row.items()} for r, row in rows.items()})
-    path = write_json("b4m_interference", {"setup": {"width": WIDTH, "rank": RANK, "steps": STEPS, "joint_steps": STAGE2_STEPS, "lr": LR,
+    path = write_json("b4m_interference", {"machine": machine(), "setup": {"width": WIDTH, "rank": RANK, "steps": STEPS, "joint_steps": STAGE2_STEPS, "lr": LR,
                                                      "optimizer": "AdamW", "b4m_partner_lr_scale": 0.1},
                                            "results": results})
     print(f"wrote {path}")

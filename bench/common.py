@@ -1,35 +1,81 @@
-"""Helpers shared by the benchmarks: peak-memory windows, timing, JSON output."""
+"""Shared benchmark helpers: timing medians, peak RSS in a fresh process, JSON output, a rich table."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import resource
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], warmup: int = 3, rounds: int = 12) -> dict[str, dict]:
+    """Median seconds per call of each step, run round-robin so machine noise hits every contender alike."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v)} for name, v in samples.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_rss_in_subprocess(script: str, *args: str) -> float:
+    """Run `python script args...` (which prints its peak RSS in MB on the last line) and return that number."""
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path
 
 
 def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS counter (VmHWM) so the next reading covers only what follows."""
+    """Reset the kernel's peak-RSS counter (VmHWM) so the next reading covers only what follows (Linux)."""
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
 
-def peak_rss_mib() -> float:
+def _status_mib(field: str) -> float:
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS since the last `reset_peak_rss()` (or process start), MiB."""
+    return _status_mib("VmHWM")
 
 
 def rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    return _status_mib("VmRSS")
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
@@ -43,26 +89,12 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "python": platform.python_version(), "cores": os.cpu_count()}, **payload}
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
 def run_methods(script: str, methods: tuple[str, ...], extra_args: list[str]) -> dict[str, dict]:
     """Run `script --method M` once per method, each in a fresh process (peak memory does not mix).
 
     The script prints one JSON row last; a failing method gets an `error` row instead of stopping the run.
     Rows gain `time_x_floor` against the "floor" method's median step time.
     """
-    import subprocess
-    import sys
-
     rows: dict[str, dict] = {}
     for method in methods:
         out = subprocess.run([sys.executable, script, "--method", method, *extra_args], capture_output=True, text=True)

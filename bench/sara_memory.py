@@ -17,7 +17,7 @@ import sys
 import torch
 from torch import nn
 
-from bench.common import median_time, peak_rss_mib, reset_peak_rss, rss_mib, write_json
+from bench.common import median_time, peak_rss_mib, reset_peak_rss, rss_mib, machine, write_json
 
 WIDTH, DEPTH, BATCH, FRACTION = 1536, 6, 256, 0.1
 
@@ -100,7 +100,7 @@ def main() -> None:
     def persistent(r):  # what training keeps between steps beyond the frozen model: adapter tensors, grads, state
         return r["adapter_tensors_mib"] + r["grad_mib"] + r["optimizer_state_mib"]
 
-    path = write_json("sara_memory", {
+    path = write_json("sara_memory", {"machine": machine(),
         "setup": {"width": WIDTH, "depth": DEPTH, "batch": BATCH, "fraction": FRACTION, "optimizer": "AdamW", "threads": 1},
         "rows": rows,
         "sara_vs_masked_dense": {

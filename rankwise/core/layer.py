@@ -106,10 +106,15 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             return self._mixed_batch_forward(x, *args, **kwargs)
+        pending = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters and n in self.adapters]
+        if len(pending) == 1 and not args and not kwargs and hasattr(pending[0], "fused_forward"):
+            # One adapter may compute base + update in a single autograd node (it returns None to decline).
+            out = pending[0].fused_forward(x, self)
+            if out is not None:
+                return out
         out = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.merged_adapters and name in self.adapters:
-                out = self._run_adapter(self.adapters[name], x, out)
+        for adapter in pending:
+            out = self._run_adapter(adapter, x, out)
         return out
 
     def _run_adapter(self, adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
