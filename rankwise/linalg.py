@@ -85,3 +85,44 @@ def orthonormal_dct(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     D = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
     D[0] /= math.sqrt(2.0)
     return D.to(dtype)
+
+
+def tucker_product(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """The Tucker tensor `core x_0 U_0 x_1 U_1 ... x_{N-1} U_{N-1}` (n-mode products).
+
+    `core` has shape (r_0, ..., r_{N-1}) and `factors[i]` is (d_i, r_i); the result is (d_0, ..., d_{N-1}).
+    Each step contracts the leading mode and appends the expanded one, so after N steps the modes are
+    back in order.
+    """
+    if len(factors) != core.dim():
+        raise ValueError(f"tucker_product: core has {core.dim()} modes but {len(factors)} factors were given")
+    result = core
+    for factor in factors:
+        result = torch.tensordot(result, factor, dims=([0], [1]))
+    return result
+
+
+def distance_kernel(left: torch.Tensor, right: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """K[i, o] = sum_h c_h * ||left[h, i] - right[h, o]||_2 for factors (H, n_left, k), (H, n_right, k).
+
+    A non-squared distance is a non-linear kernel of the inner product, so K is generically full rank even
+    though each factor has only k columns (SNELL's "kernelised LoRA").
+    """
+    distances = torch.cdist(left, right, p=2)  # (H, n_left, n_right)
+    return torch.einsum("h,hio->io", coefficients.to(distances.dtype), distances)
+
+
+def competition_sparsify(matrix: torch.Tensor, sparsity: float, reweight: bool = True) -> torch.Tensor:
+    """Keep the entries above the `sparsity` quantile of |matrix| (about a (1 - sparsity) share survives).
+
+    reweight=True is SNELL's competition: survivors are multiplied by their own (detached) magnitude, so the
+    forward value is sign(K) K^2 and the gradient of each survivor is scaled by |K|. reweight=False is a plain
+    mask. The threshold is recomputed from the current values on every call (no index tensor is stored).
+    """
+    if sparsity <= 0:
+        return matrix
+    magnitude = matrix.detach().abs()
+    k = min(max(int(round(sparsity * magnitude.numel())), 1), magnitude.numel())
+    threshold = magnitude.flatten().kthvalue(k).values
+    keep = magnitude > threshold
+    return matrix * (magnitude * keep if reweight else keep.to(matrix.dtype))

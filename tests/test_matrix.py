@@ -17,13 +17,23 @@ from toy_models import TOY_CASES
 # Hyper-parameters that fit the toy layers (smallest dimension 16).
 SMALL_KWARGS: dict[str, dict] = {
     "lora": {"r": 4, "lora_alpha": 8},
+    "flora": {"r": 4, "kernel_r": 2},
+    "sara": {"fraction": 0.25},
+    "b4m": {"r": 4},
+    "snell": {"low_rank_dim": 4, "sparsity": 0.3, "competition": "mask"},  # see test_snell for "magnitude"
+    "snella": {"low_rank_dim": 4, "sparsity": 0.3, "competition": "mask"},
+    "mos": {"r": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
 }
+
+# Not per-layer adapters: they rewrite the model inputs (a prepended prompt), need a transformers model called
+# with input_ids, and cannot merge by design. Their behaviour is tested in tests/methods/test_<name>.py.
+INPUT_SIDE_METHODS = {"dept"}
 
 CASES = [
     pytest.param(info, case, id=f"{info.name}-{case.name}")
     for info in rankwise.list_methods()
     for case in TOY_CASES
-    if case.targets_for(info.config_cls.supported_layers)
+    if case.targets_for(info.config_cls.supported_layers) and info.name not in INPUT_SIDE_METHODS
 ]
 
 

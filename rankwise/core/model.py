@@ -58,6 +58,7 @@ class AdaptedModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.shared = nn.ModuleDict()  # per adapter name: tensors shared across layers (owned once, here)
         self._active: list[str] = []
+        self._inputs_disabled = False  # set inside disable_adapter(): input-side adapters step aside too
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -76,6 +77,7 @@ class AdaptedModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        args, kwargs = self._prepare_inputs(args, kwargs, adapter_names)
         if adapter_names is None:
             return self.model(*args, **kwargs)
         unknown = set(adapter_names) - set(self.configs) - {BASE_MODEL_SENTINEL}
@@ -89,6 +91,26 @@ class AdaptedModel(nn.Module):
         finally:
             for layer in layers:
                 layer.routing = None
+
+    def _prepare_inputs(self, args: tuple, kwargs: dict, adapter_names: list[str] | None) -> tuple[tuple, dict]:
+        """Input-side adapters (DePT's soft prompt) rewrite the model inputs before the base model runs.
+
+        A shared module (`Adapter.build_shared`) that defines `prepare_inputs(model, args, kwargs)` is called for
+        each active adapter, unless adapters are disabled.
+        """
+        if self._inputs_disabled:
+            return args, kwargs
+        for name in self._active:
+            hook = getattr(self.shared[name], "prepare_inputs", None) if name in self.shared else None
+            if hook is None:
+                continue
+            if adapter_names is not None:
+                raise AdapterStateError(
+                    f"adapter {name!r} ({self.configs[name].method_name}) changes the model inputs, so it cannot be "
+                    "routed per sample with adapter_names; run those samples in separate calls"
+                )
+            args, kwargs = hook(self.model, args, kwargs)
+        return args, kwargs
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
@@ -219,13 +241,16 @@ class AdaptedModel(nn.Module):
         """Run the base model alone inside the block (merged adapters are unmerged first)."""
         layers = [m for _, m in self.adapted_layers()] + [m for _, m in self.saved_modules()]
         previous = [m.disabled for m in layers]
+        previous_inputs = self._inputs_disabled
         try:
             for m in layers:
                 m.disabled = True
+            self._inputs_disabled = True
             yield
         finally:
             for m, was in zip(layers, previous):
                 m.disabled = was
+            self._inputs_disabled = previous_inputs
 
     # ---- merge --------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

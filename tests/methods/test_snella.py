@@ -1,0 +1,118 @@
+"""SNELLA spec checks (docs: /work/shared/specs/methods-adapters-a.md section 10)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise
+from rankwise.adapters.snella import SnellaAllocator, allocate_budget, cubic_budget
+from rankwise.core.errors import ConfigError
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 12))
+    reference = copy.deepcopy(base)
+    cfg = {"low_rank_dim": 4, "target_modules": ["0", "2", "4"], **kw}
+    return rankwise.adapt(base, rankwise.SnellaConfig(**cfg)), reference
+
+
+def _adapters(model):
+    return [layer.adapters["default"] for _, layer in model.adapted_layers()]
+
+
+def test_mixed_kernel_matches_loop_and_scalars_get_gradients():
+    model, _ = _model()
+    a = _adapters(model)[2]
+    with torch.no_grad():
+        a.alpha.fill_(0.7)
+        a.gamma.fill_(0.5)
+        a.beta.fill_(0.01)
+    K = a.kernel(a.lora_In, a.lora_Out)
+    D = torch.zeros(16, 12)
+    for i in range(16):
+        for o in range(12):
+            D[i, o] = 0.1 * torch.linalg.norm(a.lora_In[0, i] - a.lora_Out[0, o]) - 0.1 * torch.linalg.norm(a.lora_In[1, i] - a.lora_Out[1, o])
+    expected = D + 0.7 * torch.softmax(D / 0.5, dim=1) + 0.01
+    torch.testing.assert_close(K, expected, atol=1e-6, rtol=1e-5)
+    model(torch.randn(5, 24)).pow(2).sum().backward()
+    for p in (a.alpha, a.gamma, a.beta):
+        assert p.grad is not None and p.grad.abs() > 0
+
+
+def test_allocator_proportional_and_capped():
+    assert allocate_budget([0.5, 0.3, 0.2], [10_000] * 3, 1000) == [500, 300, 200]
+    capped = allocate_budget([0.5, 0.3, 0.2], [300, 10_000, 10_000], 1000)
+    assert capped[0] == 300 and sum(capped) == 1000 and capped[1] / capped[2] == pytest.approx(1.5, rel=0.02)
+    crumbs = allocate_budget([1.0, 1.0, 1.0], [5, 5, 5], 7)
+    assert sum(crumbs) == 7 and max(crumbs) <= 5
+    assert allocate_budget([0.2, 0.8], [3, 4], 100) == [3, 4]  # more budget than room: everything, no more
+
+
+def test_cubic_schedule_endpoints_and_monotone():
+    values = [cubic_budget(t, 20, 1000, 300, init_warmup=2, final_warmup=3) for t in range(21)]
+    assert values[0] == values[2] == 1000
+    assert values[17] == values[20] == 300
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_allocation_sets_observed_sparsity_and_reloads(tmp_path):
+    model, reference = _model(sparsity=0.0, target_ratio=0.6)
+    allocator = SnellaAllocator(model, total_epochs=4)
+    x = torch.randn(8, 24)
+    for epoch in range(4):
+        for _ in range(2):
+            model.zero_grad()
+            model(x).pow(2).sum().backward()
+            allocator.update_importance()
+        sparsities = allocator.allocate(epoch)
+        for adapter, s in zip(_adapters(model), sparsities):
+            numel = adapter.lora_In.shape[1] * adapter.lora_Out.shape[1]
+            share = torch.count_nonzero(adapter.delta_weight(None)).item() / numel
+            assert abs(share - (1 - s)) <= 1 / numel + 1e-9
+    total = sum(allocator.caps)
+    kept = sum((1 - s) * c for s, c in zip(sparsities, allocator.caps))
+    assert kept == pytest.approx(int(allocator.budget(3)), abs=1e-6)  # the scheduled budget is spent exactly
+    assert allocator.budget(4) == pytest.approx(0.4 * total) and allocator.budget(0) == pytest.approx(total)
+    assert len(set(round(s, 3) for s in sparsities)) > 1  # layers got different sparsities by importance
+    out = model(x)
+    model.save_adapter(tmp_path)
+    loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
+    torch.testing.assert_close(loaded(x), out)
+
+
+def test_importance_recursions_two_steps():
+    model, _ = _model(beta1=0.5, beta2=0.25)
+    allocator = SnellaAllocator(model, total_epochs=1)
+    a = _adapters(model)[0]
+    ema = torch.zeros_like(a.lora_In)
+    unc = torch.zeros_like(a.lora_In)
+    for step in range(2):
+        model.zero_grad()
+        model(torch.randn(4, 24)).pow(2).sum().backward()
+        allocator.update_importance()
+        ipt = (a.lora_In * a.lora_In.grad).abs()
+        ema = 0.5 * ema + 0.5 * ipt
+        unc = 0.25 * unc + 0.75 * (ipt - ema).abs()
+        with torch.no_grad():
+            a.lora_In.add_(0.01)
+    torch.testing.assert_close(allocator.ema[id(a.lora_In)], ema)
+    torch.testing.assert_close(allocator.uncertainty[id(a.lora_In)], unc)
+
+
+@pytest.mark.parametrize("field,value", [("target_ratio", 1.0), ("beta1", 1.0), ("beta2", -0.5), ("init_warmup", -1),
+                                         ("final_warmup", 1.5), ("low_rank_dim", 5)])
+def test_bad_config(field, value):
+    with pytest.raises(ConfigError, match=field):
+        rankwise.SnellaConfig(target_modules=["x"], **{field: value})
+
+
+def test_zero_init_subtracts_the_kernel_at_initial_scalars():
+    model, reference = _model(zero_init=True, sparsity=0.0)
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(model(x), reference(x))
+    a = _adapters(model)[0]
+    with torch.no_grad():
+        a.beta.fill_(0.05)  # a moved beta is a real change, not cancelled by the subtracted initial kernel
+    torch.testing.assert_close(a.delta_weight(None), torch.full((20, 24), 0.05), atol=1e-6, rtol=0)
