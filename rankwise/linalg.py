@@ -85,3 +85,76 @@ def orthonormal_dct(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     D = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
     D[0] /= math.sqrt(2.0)
     return D.to(dtype)
+
+
+# ---- added for the random-basis and factorisation adapters (NOLA, RandLoRA, SVFit, LoLDU, SALT) ----
+
+
+def derive_seed(base_seed: int, *parts) -> int:
+    """A seed that depends only on `base_seed` and `parts` (stable across processes, unlike `hash`)."""
+    import zlib
+
+    text = "/".join(str(p) for p in (int(base_seed), *parts))
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_kaiming_sequence(seed: int, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    generator = seeded_generator(seed)
+    out = []
+    for shape in shapes:
+        tensor = torch.empty(shape, dtype=dtype)
+        torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+        out.append(tensor)
+    return tuple(out)
+
+
+def kaiming_sequence(seed: int, shapes, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Kaiming-uniform(a=sqrt(5)) tensors drawn one after another from one CPU generator seeded with `seed`.
+
+    The draw order and `dtype` are part of the result: this is how PEFT seeds RandLoRA's and VeRA's
+    shared projections (bf16 draws), so equal arguments reproduce PEFT's buffers bit for bit. Cached, read-only.
+    """
+    return _cached_kaiming_sequence(int(seed), tuple(tuple(int(s) for s in shape) for shape in shapes), dtype)
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest r whose top-r singular values hold at least `energy` of sum(sigma^2) (at least 1)."""
+    power = singular_values.double() ** 2
+    total = float(power.sum())
+    if total <= 0:
+        return 1
+    cumulative = torch.cumsum(power, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
+
+
+def ldu_factors(weight: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pivoted LDU of a 2-D weight in float32: `W = P L diag(D) U`, `P` returned as an index vector.
+
+    Returns `(perm, L, D, U)` with `L: out x k` unit lower-triangular, `D: k`, `U: k x in` unit upper-triangular,
+    `k = min(out, in)` and `W.index_select(0, perm) = L diag(D) U` (so `P L = L[argsort(perm)]`). Raises ValueError naming the pivot if some |D_k| <= eps * max|W|
+    (a rank-deficient weight: the unit-diagonal U would divide by zero).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"ldu_factors expects a 2-D tensor, got shape {tuple(weight.shape)}")
+    work = weight if weight.dtype == torch.float64 else weight.float()
+    P, L, U = torch.linalg.lu(work)
+    D = torch.diagonal(U).clone()
+    limit = eps * float(work.abs().max()) if work.numel() else 0.0
+    small = (D.abs() <= limit).nonzero()
+    if small.numel():
+        raise ValueError(
+            f"pivot {int(small[0])} of the LU factorisation is {float(D[small[0]]):.3g}: the weight is rank-deficient "
+            f"(rank < {D.numel()}), so its LDU split is undefined there"
+        )
+    perm = P.argmax(0)  # column j of P has its 1 in row perm[j]: (P @ M)[perm[j]] = M[j]
+    return perm, L, D, U / D[:, None]
+
+
+def diag_sandwich(x: torch.Tensor, right: torch.Tensor, diag: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """`x @ (left @ diag(diag) @ right).T` without forming the product: two skinny matmuls and a scale.
+
+    `left: out x r`, `diag: r`, `right: r x in`; this is the delta path of every "train the diagonal of a
+    factorisation" method (SVFit, LoLDU, SALT's top block).
+    """
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, right) * diag, left)

@@ -17,6 +17,7 @@ from toy_models import TOY_CASES
 # Hyper-parameters that fit the toy layers (smallest dimension 16).
 SMALL_KWARGS: dict[str, dict] = {
     "lora": {"r": 4, "lora_alpha": 8},
+    "nola": {"r": 4, "num_bases_a": 32, "num_bases_b": 32},
 }
 
 CASES = [
