@@ -128,27 +128,28 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
 
 
-def ldu_factors(weight: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pivoted LDU of a 2-D weight in float32: `W = P L diag(D) U`, `P` returned as an index vector.
+def ldu_factors(weight: torch.Tensor, rank: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First `rank` factors of the pivoted LDU of a 2-D weight, in float32: `W = P L diag(D) U`.
 
-    Returns `(perm, L, D, U)` with `L: out x k` unit lower-triangular, `D: k`, `U: k x in` unit upper-triangular,
-    `k = min(out, in)` and `W.index_select(0, perm) = L diag(D) U` (so `P L = L[argsort(perm)]`). Raises ValueError naming the pivot if some |D_k| <= eps * max|W|
-    (a rank-deficient weight: the unit-diagonal U would divide by zero).
+    Returns `(PL, D, U)`: `PL = (P L)[:, :rank]` (out x rank, the permutation folded into L's rows, so no
+    permutation is applied at run time), `D = diag(U)[:rank]`, `U = (D^-1 U)[:rank]` (rank x in, unit upper-
+    triangular). Then `W = PL_full diag(D_full) U_full` exactly (up to float error). Raises ValueError naming
+    the pivot if some |D_k| <= eps * max|W| among the first `rank` (a rank-deficient or zero weight).
     """
     if weight.dim() != 2:
         raise ValueError(f"ldu_factors expects a 2-D tensor, got shape {tuple(weight.shape)}")
     work = weight if weight.dtype == torch.float64 else weight.float()
     P, L, U = torch.linalg.lu(work)
-    D = torch.diagonal(U).clone()
+    D = torch.diagonal(U)[:rank].clone()
     limit = eps * float(work.abs().max()) if work.numel() else 0.0
     small = (D.abs() <= limit).nonzero()
-    if small.numel():
+    if small.numel() or not work.numel():
+        k = int(small[0]) if small.numel() else 0
         raise ValueError(
-            f"pivot {int(small[0])} of the LU factorisation is {float(D[small[0]]):.3g}: the weight is rank-deficient "
-            f"(rank < {D.numel()}), so its LDU split is undefined there"
+            f"pivot {k} of the LU factorisation is {float(D[k]) if D.numel() else 0.0:.3g}: the weight is rank-deficient "
+            f"(or zero) within the first {rank} pivots, so its LDU split divides by zero there"
         )
-    perm = P.argmax(0)  # column j of P has its 1 in row perm[j]: (P @ M)[perm[j]] = M[j]
-    return perm, L, D, U / D[:, None]
+    return L[P.argmax(1), :rank], D, U[:rank] / D[:, None]  # P @ L without the dense product
 
 
 def diag_sandwich(x: torch.Tensor, right: torch.Tensor, diag: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
