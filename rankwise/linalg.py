@@ -159,3 +159,10 @@ def diag_sandwich(x: torch.Tensor, right: torch.Tensor, diag: torch.Tensor, left
     factorisation" method (SVFit, LoLDU, SALT's top block).
     """
     return torch.nn.functional.linear(torch.nn.functional.linear(x, right) * diag, left)
+
+
+def flat_rank_limit(weight_shape: tuple[int, ...], kind: str) -> int:
+    """Largest rank of a layer's weight viewed as a matrix (conv kernels as out x (in * kernel))."""
+    if kind == "conv":
+        return min(weight_shape[0], math.prod(weight_shape[1:]))
+    return min(weight_shape[0], weight_shape[1])

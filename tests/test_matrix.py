@@ -19,6 +19,7 @@ SMALL_KWARGS: dict[str, dict] = {
     "lora": {"r": 4, "lora_alpha": 8},
     "nola": {"r": 4, "num_bases_a": 32, "num_bases_b": 32},
     "svfit": {"r": 4},
+    "loldu": {"loldu_alpha": 4.0},
 }
 
 CASES = [

@@ -19,7 +19,6 @@ Conv kernels are factorised as out x (in * kernel), embeddings as dim x num_embe
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import torch
@@ -29,13 +28,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
 from rankwise.core.errors import ConfigError
 from rankwise.core.registry import register
-from rankwise.linalg import diag_sandwich, energy_rank, truncated_svd
-
-
-def _flat_limit(weight_shape: tuple[int, ...], kind: str) -> int:
-    if kind == "conv":
-        return min(weight_shape[0], math.prod(weight_shape[1:]))
-    return min(weight_shape[0], weight_shape[1])
+from rankwise.linalg import diag_sandwich, energy_rank, flat_rank_limit, truncated_svd
 
 
 class SvfitAdapter(Adapter):
@@ -84,7 +77,7 @@ class SvfitConfig(AdapterConfig):
         self._check(isinstance(self.energy, (int, float)) and 0 < self.energy <= 1, "energy", "a number in (0, 1]")
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
-        limit = _flat_limit(tuple(base_layer.weight.shape), kind)
+        limit = flat_rank_limit(tuple(base_layer.weight.shape), kind)
         if self.r is not None and self.r > limit:
             raise ConfigError(
                 f"SvfitConfig.r={self.r} is too large for {module_name!r} (weight {tuple(base_layer.weight.shape)}): "
