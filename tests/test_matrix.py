@@ -20,6 +20,8 @@ SMALL_KWARGS: dict[str, dict] = {
     "nola": {"r": 4, "num_bases_a": 32, "num_bases_b": 32},
     "svfit": {"r": 4},
     "loldu": {"loldu_alpha": 4.0},
+    "miss": {"r": 4},
+    "bone": {"r": 4},
 }
 
 CASES = [
