@@ -166,3 +166,20 @@ def flat_rank_limit(weight_shape: tuple[int, ...], kind: str) -> int:
     if kind == "conv":
         return min(weight_shape[0], math.prod(weight_shape[1:]))
     return min(weight_shape[0], weight_shape[1])
+
+
+def ternary_sequence(seed: int, shapes, sparsity: float) -> tuple[torch.Tensor, ...]:
+    """Sparse random projections (Li, Hastie, Church 2006): entries -1 / 0 / +1 with P(+-1) = 1/(2 sparsity) each.
+
+    Uniform draws one tensor after another from one CPU generator seeded with `seed` (PEFT's sparse RandLoRA
+    recipe); float32, not normalised.
+    """
+    generator = seeded_generator(seed)
+    out = []
+    for shape in shapes:
+        uniform = torch.rand(tuple(int(s) for s in shape), generator=generator)
+        tensor = torch.zeros(uniform.shape)
+        tensor[uniform < 1 / (2 * sparsity)] = -1
+        tensor[uniform > 1 - 1 / (2 * sparsity)] = 1
+        out.append(tensor)
+    return tuple(out)

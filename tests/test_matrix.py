@@ -22,6 +22,7 @@ SMALL_KWARGS: dict[str, dict] = {
     "loldu": {"loldu_alpha": 4.0},
     "miss": {"r": 4},
     "bone": {"r": 4},
+    "randlora": {"r": 4, "randlora_alpha": 8},
 }
 
 CASES = [

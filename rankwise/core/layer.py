@@ -106,6 +106,12 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             return self._mixed_batch_forward(x, *args, **kwargs)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.adapters]
+        if len(pending) == 1 and not args and not kwargs:
+            # One adapter may replace the base call with a cheaper fused one (e.g. x (W + dW)^T in one matmul).
+            fused = self.adapters[pending[0]].fused_forward(x, self)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.merged_adapters and name in self.adapters:
