@@ -68,37 +68,56 @@ def scale_basis_grads(grad, basis_a, lam, gam):
     return torch.einsum("kjv,jv->kj", weighted, gam.to(grad.dtype)), torch.einsum("kjv,kj->jv", weighted, lam.to(grad.dtype))
 
 
+def _scaled_basis(basis_a, lam, gam):
+    return (lam[:, :, None] * basis_a * gam[None]).flatten(0, 1)  # A_hat: rN x m
+
+
 def _dense_delta(basis_a, basis_b, lam, gam, scaling, in_small):
-    a_hat = (lam[:, :, None] * basis_a * gam[None]).flatten(0, 1)
-    delta = basis_b @ a_hat * scaling  # (M, m)
+    delta = basis_b @ _scaled_basis(basis_a, lam, gam) * scaling  # (M, m)
     return delta if in_small else delta.T
 
 
+def _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small):
+    """W + s B_hat A_hat (or + its transpose) in one addmm: no separate dW, scale or add."""
+    a_hat = _scaled_basis(basis_a, lam, gam)
+    if in_small:
+        return torch.addmm(weight, basis_b, a_hat, alpha=scaling)
+    return torch.addmm(weight, a_hat.T, basis_b.T, alpha=scaling)
+
+
 class FusedRandLoraLinear(torch.autograd.Function):
-    """y = x (W + dW)^T + b with dW = s B_hat A_hat, recomputing dW in backward instead of saving it."""
+    """y = x (W + dW)^T + b with dW = s B_hat A_hat, as one matmul that replaces the base call.
+
+    Saved for backward: x, lambda, gamma, and W + dW only when it is smaller than the token-sized hidden
+    tensor PEFT keeps (rN per token); otherwise W + dW is recomputed (one M x rN x m product).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, basis_a, basis_b, scaling, in_small):
-        ctx.save_for_backward(x, weight, lam, gam, basis_a, basis_b)
+        total = _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small)
+        tokens = x.numel() // x.shape[-1]
+        keep = total if total.numel() <= tokens * basis_b.shape[1] else None
+        ctx.save_for_backward(x, weight, lam, gam, basis_a, basis_b, keep)
         ctx.scaling, ctx.in_small, ctx.has_bias = scaling, in_small, bias is not None
-        return F.linear(x, weight + _dense_delta(basis_a, basis_b, lam, gam, scaling, in_small), bias)
+        return F.linear(x, total, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lam, gam, basis_a, basis_b = ctx.saved_tensors
+        x, weight, lam, gam, basis_a, basis_b, total = ctx.saved_tensors
         scaling, in_small = ctx.scaling, ctx.in_small
-        grad_x = grad_bias = None
+        grad_x = grad_bias = grad_lam = grad_gam = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
-            total = weight + _dense_delta(basis_a, basis_b, lam, gam, scaling, in_small)
+            if total is None:
+                total = _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small)
             grad_x = (flat_grad @ total).view(x.shape)
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_bias = flat_grad.sum(0)
-        grad_lam = grad_gam = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_delta = flat_grad.T @ x.reshape(-1, x.shape[-1])  # out x in: the one token-sized extra matmul
-            grad_core = grad_delta if in_small else grad_delta.T  # gradient of B_hat A_hat, M x m
-            grad_a_hat = (basis_b.T @ grad_core) * scaling  # rN x m
+            flat_x = x.reshape(-1, x.shape[-1])
+            # The one token-sized extra matmul: the gradient of B_hat A_hat (M x m), then A_hat's (rN x m), scaled.
+            grad_core = flat_grad.T @ flat_x if in_small else flat_x.T @ flat_grad
+            grad_a_hat = torch.addmm(grad_core.new_zeros(1, 1).expand(basis_b.shape[1], grad_core.shape[1]), basis_b.T, grad_core, beta=0, alpha=scaling)
             grad_lam, grad_gam = scale_basis_grads(grad_a_hat.view(lam.shape[0], lam.shape[1], -1), basis_a, lam, gam)
         return grad_x, None, grad_bias, grad_lam, grad_gam, None, None, None, None
 
@@ -163,7 +182,7 @@ class RandLoraAdapter(Adapter):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
         basis_a, basis_b = self.bases()
-        a_hat = ScaleBasis.apply(basis_a, self.randlora_lambda, self.randlora_gamma).flatten(0, 1)
+        a_hat = ScaleBasis.apply(basis_a, self.randlora_lambda, self.randlora_gamma).flatten(0, 1)  # rN x m
         first, second = (a_hat, basis_b) if self.in_small else (basis_b.T, a_hat.T)
         hidden = F.linear(self.dropout(x), first)
         flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), second.T, alpha=self.scaling)
