@@ -23,6 +23,7 @@ SMALL_KWARGS: dict[str, dict] = {
     "miss": {"r": 4},
     "bone": {"r": 4},
     "randlora": {"r": 4, "randlora_alpha": 8},
+    "salt": {"r_lora": 4},
 }
 
 CASES = [
