@@ -27,7 +27,7 @@ from torch import nn
 
 from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
-from rankwise.core.errors import ConfigError, TargetError
+from rankwise.core.errors import TargetError
 from rankwise.core.registry import register
 from rankwise.linalg import diag_sandwich, flat_rank_limit, ldu_factors
 
@@ -76,14 +76,10 @@ class LolduConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.r is None or (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1),
-                    "r", "None or an integer >= 1")
+        self._check_int("r", allow_none=True)
         self._check(isinstance(self.loldu_alpha, (int, float)) and self.loldu_alpha > 0, "loldu_alpha", "a number > 0")
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
-        limit = flat_rank_limit(tuple(base_layer.weight.shape), kind)
-        if self.r is not None and self.r > limit:
-            raise ConfigError(
-                f"LolduConfig.r={self.r} is too large for {module_name!r} (weight {tuple(base_layer.weight.shape)}): "
-                f"its LDU has only {limit} factors. Lower r, or exclude this module."
-            )
+        if self.r is not None:
+            limit = flat_rank_limit(tuple(base_layer.weight.shape), kind)
+            self._check_layer_limit(module_name, base_layer, "r", self.r, limit, "the number of LDU factors is")

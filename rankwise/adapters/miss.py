@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.adapter import Adapter
-from rankwise.core.config import AdapterConfig
+from rankwise.core.config import PEFT_COMMON_NEUTRAL, AdapterConfig
 from rankwise.core.errors import ConfigError
 from rankwise.core.layer import AdaptedLayer
 from rankwise.core.registry import register
@@ -144,13 +144,13 @@ class MissConfig(AdapterConfig):
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
     init_property: ClassVar[str] = "zero"
-    peft_neutral_fields: ClassVar[dict] = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
+    peft_neutral_fields: ClassVar[dict] = PEFT_COMMON_NEUTRAL
     init_choices: ClassVar[tuple] = (True, False, "bat", "mini")
 
     def validate(self) -> None:
         super().validate()
-        self._check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", "an integer >= 1")
-        self._check(isinstance(self.mini_r, int) and not isinstance(self.mini_r, bool) and self.mini_r >= 1, "mini_r", "an integer >= 1")
+        self._check_int("r")
+        self._check_int("mini_r")
         self._check(isinstance(self.miss_dropout, (int, float)) and 0 <= self.miss_dropout < 1, "miss_dropout", "a number in [0, 1)")
         self._check(any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c) for c in self.init_choices),
                     "init_weights", " or ".join(repr(c) for c in self.init_choices))
@@ -175,11 +175,11 @@ class BoneConfig(AdapterConfig):
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
     init_property: ClassVar[str] = "zero"
-    peft_neutral_fields: ClassVar[dict] = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
+    peft_neutral_fields: ClassVar[dict] = PEFT_COMMON_NEUTRAL
 
     def validate(self) -> None:
         super().validate()
-        self._check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", "an integer >= 1")
+        self._check_int("r")
         self._check(any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c) for c in (True, False, "bat")),
                     "init_weights", "True, False or 'bat'")
 

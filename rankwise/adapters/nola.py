@@ -27,7 +27,6 @@ from torch import nn
 
 from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
-from rankwise.core.errors import ConfigError
 from rankwise.core.registry import register
 from rankwise.linalg import derive_seed, random_basis
 
@@ -97,16 +96,10 @@ class NolaConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         for field in ("r", "num_bases_a", "num_bases_b"):
-            value = getattr(self, field)
-            self._check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "an integer >= 1")
+            self._check_int(field)
         self._check(isinstance(self.nola_alpha, (int, float)) and self.nola_alpha > 0, "nola_alpha", "a number > 0")
         self._check(isinstance(self.nola_dropout, (int, float)) and 0 <= self.nola_dropout < 1, "nola_dropout", "a number in [0, 1)")
-        self._check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", "an integer >= 0")
+        self._check_int("seed", minimum=0)
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
-        limit = min(base_layer.weight.shape)
-        if self.r > limit:
-            raise ConfigError(
-                f"NolaConfig.r={self.r} is too large for {module_name!r} (weight {tuple(base_layer.weight.shape)}): "
-                f"the rank can be at most {limit}. Lower r, or exclude this module."
-            )
+        self._check_layer_limit(module_name, base_layer, "r", self.r, min(base_layer.weight.shape), "the rank can be")

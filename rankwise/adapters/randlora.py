@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.adapter import Adapter
-from rankwise.core.config import AdapterConfig
-from rankwise.core.errors import ConfigError
+from rankwise.core.config import PEFT_COMMON_NEUTRAL, AdapterConfig
 from rankwise.core.registry import register
 from rankwise.linalg import kaiming_sequence, ternary_sequence
 
@@ -241,23 +240,17 @@ class RandLoraConfig(AdapterConfig):
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
     init_property: ClassVar[str] = "zero"
-    peft_neutral_fields: ClassVar[dict] = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
+    peft_neutral_fields: ClassVar[dict] = PEFT_COMMON_NEUTRAL
 
     def validate(self) -> None:
         super().validate()
-        self._check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", "an integer >= 1")
+        self._check_int("r")
         self._check(isinstance(self.randlora_alpha, (int, float)) and self.randlora_alpha > 0, "randlora_alpha", "a number > 0")
         self._check(isinstance(self.randlora_dropout, (int, float)) and 0 <= self.randlora_dropout < 1, "randlora_dropout", "a number in [0, 1)")
-        self._check(isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool)
-                    and self.projection_prng_key >= 0, "projection_prng_key", "an integer >= 0")
+        self._check_int("projection_prng_key", minimum=0)
         for field in ("save_projection", "sparse", "very_sparse", "init_weights", "fan_in_fan_out"):
             self._check(isinstance(getattr(self, field), bool), field, "True or False")
         self._check(not (self.sparse and self.very_sparse), "very_sparse", "False when sparse=True (pick one)")
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
-        limit = min(base_layer.weight.shape)
-        if self.r > limit:
-            raise ConfigError(
-                f"RandLoraConfig.r={self.r} is too large for {module_name!r} (weight {tuple(base_layer.weight.shape)}): "
-                f"a base's rank can be at most {limit}. Lower r, or exclude this module."
-            )
+        self._check_layer_limit(module_name, base_layer, "r", self.r, min(base_layer.weight.shape), "a base's rank can be")

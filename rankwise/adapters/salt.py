@@ -115,9 +115,9 @@ class SaltConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(isinstance(self.r_lora, int) and not isinstance(self.r_lora, bool) and self.r_lora >= 1, "r_lora", "an integer >= 1")
+        self._check_int("r_lora")
         self._check(isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1, "ratio", "a number in (0, 1)")
-        self._check(self.t is None or (isinstance(self.t, int) and not isinstance(self.t, bool) and self.t >= 1), "t", "None or an integer >= 1")
+        self._check_int("t", allow_none=True)
         self._check(self.mode in MODES, "mode", " or ".join(repr(m) for m in MODES))
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:

@@ -26,7 +26,6 @@ from torch import nn
 
 from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
-from rankwise.core.errors import ConfigError
 from rankwise.core.registry import register
 from rankwise.linalg import diag_sandwich, energy_rank, flat_rank_limit, truncated_svd
 
@@ -72,14 +71,10 @@ class SvfitConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.r is None or (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1),
-                    "r", "None or an integer >= 1")
+        self._check_int("r", allow_none=True)
         self._check(isinstance(self.energy, (int, float)) and 0 < self.energy <= 1, "energy", "a number in (0, 1]")
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
-        limit = flat_rank_limit(tuple(base_layer.weight.shape), kind)
-        if self.r is not None and self.r > limit:
-            raise ConfigError(
-                f"SvfitConfig.r={self.r} is too large for {module_name!r} (weight {tuple(base_layer.weight.shape)}): "
-                f"it has only {limit} singular values. Lower r, use r=None with `energy`, or exclude this module."
-            )
+        if self.r is not None:
+            limit = flat_rank_limit(tuple(base_layer.weight.shape), kind)
+            self._check_layer_limit(module_name, base_layer, "r", self.r, limit, "the number of singular values is")

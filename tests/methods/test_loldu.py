@@ -76,5 +76,5 @@ def test_bad_hyper_parameters(kwargs, field):
 
 
 def test_rank_larger_than_layer():
-    with pytest.raises(rankwise.ConfigError, match="only 16 factors"):
+    with pytest.raises(rankwise.ConfigError, match="LDU factors is at most 16"):
         rankwise.adapt(MLP(), rankwise.LolduConfig(target_modules=["lin0"], r=17))

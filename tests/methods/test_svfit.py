@@ -75,5 +75,5 @@ def test_bad_hyper_parameters(kwargs, field):
 
 
 def test_rank_larger_than_layer():
-    with pytest.raises(rankwise.ConfigError, match="only 16 singular values"):
+    with pytest.raises(rankwise.ConfigError, match="singular values is at most 16"):
         rankwise.adapt(MLP(), rankwise.SvfitConfig(target_modules=["lin0"], r=17))
