@@ -87,6 +87,13 @@ class MissAdapter(Adapter):
             return self._bat_update(weight, reverse=True)
         return weight - self.delta_weight(weight).to(weight.dtype)
 
+    def fused_forward(self, x: torch.Tensor, layer) -> torch.Tensor | None:
+        weight = layer.weight_matrix()
+        if self.mode != "bat" or x.dtype != weight.dtype or x.dtype != self.miss_block.dtype:
+            return None
+        # Bat materialises W' anyway: one matmul with it replaces the base call (as PEFT does).
+        return F.linear(x, weight + self.delta_weight(weight), layer.base_layer.bias)
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
         if self.mode == "bat":
             # The update depends on W itself: materialise it (the method's cost, as in PEFT).

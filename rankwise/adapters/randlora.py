@@ -193,6 +193,8 @@ class RandLoraAdapter(Adapter):
         dtype = self.randlora_lambda.dtype
         if (self.training and not isinstance(self.dropout, nn.Identity)) or x.dtype != dtype or weight.dtype != dtype:
             return None
+        if weight.requires_grad:  # the Function gives no gradient to W: leave a trainable base to autograd
+            return None
         if tokens * (self.small + self.big) <= self.small * self.big:  # forming dW costs more than the skinny path
             return None
         basis_a, basis_b = self.bases()
