@@ -193,6 +193,7 @@ def main() -> None:
         median = statistics.median(entry["times"])
         results[name] = {
             "step_ms_median": round(1000 * median, 2),
+            "step_ms_quartiles": [round(1000 * q, 2) for q in statistics.quantiles(entry["times"], n=4)],
             "x_floor": round(median / floor, 3),
             "trainable_params": entry["trainable"],
             "adapter_file_bytes": file_size(entry["model"], name),
