@@ -126,3 +126,100 @@ def competition_sparsify(matrix: torch.Tensor, sparsity: float, reweight: bool =
     threshold = magnitude.flatten().kthvalue(k).values
     keep = magnitude > threshold
     return matrix * (magnitude * keep if reweight else keep.to(matrix.dtype))
+
+# ---- added for the random-basis and factorisation adapters (NOLA, RandLoRA, SVFit, LoLDU, SALT) ----
+
+
+def derive_seed(base_seed: int, *parts) -> int:
+    """A seed that depends only on `base_seed` and `parts` (stable across processes, unlike `hash`)."""
+    import zlib
+
+    text = "/".join(str(p) for p in (int(base_seed), *parts))
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_kaiming_sequence(seed: int, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    generator = seeded_generator(seed)
+    out = []
+    for shape in shapes:
+        tensor = torch.empty(shape, dtype=dtype)
+        torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+        out.append(tensor)
+    return tuple(out)
+
+
+def kaiming_sequence(seed: int, shapes, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Kaiming-uniform(a=sqrt(5)) tensors drawn one after another from one CPU generator seeded with `seed`.
+
+    The draw order and `dtype` are part of the result: this is how PEFT seeds RandLoRA's and VeRA's
+    shared projections (bf16 draws), so equal arguments reproduce PEFT's buffers bit for bit. Cached, read-only.
+    """
+    return _cached_kaiming_sequence(int(seed), tuple(tuple(int(s) for s in shape) for shape in shapes), dtype)
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest r whose top-r singular values hold at least `energy` of sum(sigma^2) (at least 1)."""
+    power = singular_values.double() ** 2
+    total = float(power.sum())
+    if total <= 0:
+        return 1
+    cumulative = torch.cumsum(power, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
+
+
+def ldu_factors(weight: torch.Tensor, rank: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First `rank` factors of the pivoted LDU of a 2-D weight, in float32: `W = P L diag(D) U`.
+
+    Returns `(PL, D, U)`: `PL = (P L)[:, :rank]` (out x rank, the permutation folded into L's rows, so no
+    permutation is applied at run time), `D = diag(U)[:rank]`, `U = (D^-1 U)[:rank]` (rank x in, unit upper-
+    triangular). Then `W = PL_full diag(D_full) U_full` exactly (up to float error). Raises ValueError naming
+    the pivot if some |D_k| <= eps * max|W| among the first `rank` (a rank-deficient or zero weight).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"ldu_factors expects a 2-D tensor, got shape {tuple(weight.shape)}")
+    work = weight if weight.dtype == torch.float64 else weight.float()
+    P, L, U = torch.linalg.lu(work)
+    D = torch.diagonal(U)[:rank].clone()
+    limit = eps * float(work.abs().max()) if work.numel() else 0.0
+    small = (D.abs() <= limit).nonzero()
+    if small.numel() or not work.numel():
+        k = int(small[0]) if small.numel() else 0
+        raise ValueError(
+            f"pivot {k} of the LU factorisation is {float(D[k]) if D.numel() else 0.0:.3g}: the weight is rank-deficient "
+            f"(or zero) within the first {rank} pivots, so its LDU split divides by zero there"
+        )
+    return L[P.argmax(1), :rank], D, U[:rank] / D[:, None]  # P @ L without the dense product
+
+
+def diag_sandwich(x: torch.Tensor, right: torch.Tensor, diag: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """`x @ (left @ diag(diag) @ right).T` without forming the product: two skinny matmuls and a scale.
+
+    `left: out x r`, `diag: r`, `right: r x in`; this is the delta path of every "train the diagonal of a
+    factorisation" method (SVFit, LoLDU, SALT's top block).
+    """
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, right) * diag, left)
+
+
+def flat_rank_limit(weight_shape: tuple[int, ...], kind: str) -> int:
+    """Largest rank of a layer's weight viewed as a matrix (conv kernels as out x (in * kernel))."""
+    if kind == "conv":
+        return min(weight_shape[0], math.prod(weight_shape[1:]))
+    return min(weight_shape[0], weight_shape[1])
+
+
+def ternary_sequence(seed: int, shapes, sparsity: float) -> tuple[torch.Tensor, ...]:
+    """Sparse random projections (Li, Hastie, Church 2006): entries -1 / 0 / +1 with P(+-1) = 1/(2 sparsity) each.
+
+    Uniform draws one tensor after another from one CPU generator seeded with `seed` (PEFT's sparse RandLoRA
+    recipe); float32, not normalised.
+    """
+    generator = seeded_generator(seed)
+    out = []
+    for shape in shapes:
+        uniform = torch.rand(tuple(int(s) for s in shape), generator=generator)
+        tensor = torch.zeros(uniform.shape)
+        tensor[uniform < 1 / (2 * sparsity)] = -1
+        tensor[uniform > 1 - 1 / (2 * sparsity)] = 1
+        out.append(tensor)
+    return tuple(out)

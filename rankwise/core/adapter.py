@@ -11,6 +11,7 @@ Protocol (what a method file implements):
   `layer.apply_weight(x, delta_weight)`; override it when a factored product is cheaper.
 
 Optional hooks: `build_shared` (tensors shared across layers, owned once by the model),
+`fused_forward` (replace the base call when one adapter is active and a fused product is cheaper),
 `save_key` (file key of a state entry, PEFT's spelling where PEFT has the method),
 `merged_weight`/`unmerged_weight` (for updates that are not additive),
 `parameter_groups` (learning-rate multipliers).
@@ -51,6 +52,15 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
         delta = self.delta_weight(layer.weight_matrix())
         return base_out + layer.apply_weight(x, delta)
+
+    def fused_forward(self, x: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor | None:
+        """Optional: the whole adapted output (base included) in one fused computation, or None.
+
+        Called instead of the base layer + `forward` when this is the only active, unmerged adapter.
+        Return None (the default) whenever the fused path is not cheaper or does not apply (dtype, dropout...).
+        `x` is the layer input as given (not cast).
+        """
+        return None
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The canonical weight with this adapter merged in (additive by default)."""

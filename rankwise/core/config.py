@@ -23,6 +23,8 @@ PEFT_BOOKKEEPING_KEYS = frozenset(
     {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
 )
 RANKWISE_KEYS = frozenset({"rankwise_method", "rankwise_version"})
+# PEFT options most tuners share whose "off" values rankwise supports (bias training, layer-index targeting).
+PEFT_COMMON_NEUTRAL = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
 
 
 def matches_module(name: str, pattern: list[str] | str) -> bool:
@@ -97,6 +99,20 @@ class AdapterConfig:
 
     def _check(self, condition: bool, field: str, allowed: str) -> None:
         check_field(condition, type(self).__name__, field, getattr(self, field), allowed)
+
+    def _check_int(self, field: str, minimum: int = 1, allow_none: bool = False) -> None:
+        """The field is an integer >= minimum (bools rejected), or None when `allow_none`."""
+        value = getattr(self, field)
+        ok = (allow_none and value is None) or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum)
+        self._check(ok, field, f"{'None or ' if allow_none else ''}an integer >= {minimum}")
+
+    def _check_layer_limit(self, module_name: str, base_layer, field: str, value: int, limit: int, what: str) -> None:
+        """Per-layer check: `value` (of `field`) must not exceed `limit`; the error names the layer and the fix."""
+        if value > limit:
+            raise ConfigError(
+                f"{type(self).__name__}.{field}={value} is too large for {module_name!r} "
+                f"(weight {tuple(base_layer.weight.shape)}): {what} at most {limit}. Lower {field}, or exclude this module."
+            )
 
     def check_layer(self, module_name: str, base_layer, kind: str) -> None:
         """Hook: raise `ConfigError` if the config cannot adapt this layer (e.g. rank larger than the layer).

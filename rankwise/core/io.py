@@ -55,8 +55,10 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
     if adapter_name in model.shared:
         shared = model.shared[adapter_name]
         save_key = getattr(shared, "save_key", lambda k: SHARED_PREFIX + k)
+        # `file_key` (optional) spells the whole key, for formats that keep shared tensors outside `base_model.model.`.
+        file_key = getattr(shared, "file_key", lambda k: PREFIX + save_key(k))
         for key, tensor in shared.state_dict().items():
-            state[PREFIX + save_key(key)] = tensor
+            state[file_key(key)] = tensor
     for module_name, module in model.saved_modules():
         if adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
@@ -72,7 +74,13 @@ def save_adapter(model, directory, adapter_names: list[str] | None = None) -> No
         if name not in model.configs:
             raise ConfigError(f"cannot save unknown adapter {name!r}; known: {list(model.configs)}")
         target = directory if name == first else directory / name
-        state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+        state, seen = {}, set()
+        for key, tensor in adapter_state_dict(model, name).items():
+            tensor = tensor.detach().contiguous().cpu()
+            # safetensors refuses tensors sharing storage (a shared tensor listed under several keys): clone repeats.
+            pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            state[key] = tensor.clone() if pointer in seen else tensor
+            seen.add(pointer)
         config_dict = model.configs[name].to_dict()
         config_dict["inference_mode"] = True
         atomic_write(target / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))

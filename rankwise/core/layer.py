@@ -107,7 +107,7 @@ class AdaptedLayer(nn.Module):
         if self.routing is not None:
             return self._mixed_batch_forward(x, *args, **kwargs)
         pending = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters and n in self.adapters]
-        if len(pending) == 1 and not args and not kwargs and hasattr(pending[0], "fused_forward"):
+        if len(pending) == 1 and not args and not kwargs:
             # One adapter may compute base + update in a single autograd node (it returns None to decline).
             out = pending[0].fused_forward(x, self)
             if out is not None:

@@ -1,0 +1,123 @@
+"""NOLA numeric checks (spec methods-adapters-a.md section 2)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankwise
+from rankwise.linalg import derive_seed, random_basis
+from toy_models import MLP
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def adapted(**kwargs):
+    torch.manual_seed(0)
+    base = MLP()
+    config = rankwise.NolaConfig(target_modules=["lin0", "lin1"], **{"r": 4, "num_bases_a": 16, "num_bases_b": 24, **kwargs})
+    return rankwise.adapt(base, config)
+
+
+def test_zero_init_and_first_step_moves_only_beta():
+    model = adapted()
+    assert all(torch.count_nonzero(d) == 0 for d in model.delta_weights().values())
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    layer = model.model.lin1.adapters["default"]
+    assert torch.count_nonzero(layer.nola_alpha.grad) == 0, "B = 0 at init, so A's coefficients get no gradient"
+    assert torch.count_nonzero(layer.nola_beta.grad) > 0
+
+
+def test_trainable_count_is_k_plus_l_whatever_the_shape():
+    for r in (1, 4, 8):
+        model = adapted(r=r)
+        per_layer = [sum(p.numel() for p in layer.adapters["default"].parameters()) for _, layer in model.adapted_layers()]
+        assert per_layer == [16 + 24, 16 + 24]
+        assert model.trainable_summary()["trainable"] == 2 * 40
+
+
+def test_delta_equals_reference_formula_and_rank_at_most_r():
+    model = adapted(r=3, nola_alpha=5.0)
+    gen = torch.Generator().manual_seed(1)
+    adapter = model.model.lin0.adapters["default"]
+    with torch.no_grad():
+        adapter.nola_alpha.copy_(torch.randn(16, generator=gen))
+        adapter.nola_beta.copy_(torch.randn(24, generator=gen))
+    out_f, in_f, r, k, l = 32, 16, 3, 16, 24
+    seed = 0
+    a0 = random_basis(derive_seed(seed, "nola-A0", r, in_f), (r, in_f), "uniform") / math.sqrt(in_f)
+    bases_a = random_basis(derive_seed(seed, "nola-A", k, r, in_f), (k, r, in_f), "uniform")
+    bases_b = random_basis(derive_seed(seed, "nola-B", l, out_f, r), (l, out_f, r), "uniform")
+    a = a0 + sum(adapter.nola_alpha[i] * bases_a[i] for i in range(k)) / math.sqrt(k)
+    b = sum(adapter.nola_beta[j] * bases_b[j] for j in range(l)) / math.sqrt(l)
+    expected = (5.0 / 3) * b @ a
+    delta = model.delta_weights()["lin0"]
+    torch.testing.assert_close(delta, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(delta) == 3
+    x = torch.randn(5, 16)
+    base_out = model.model.lin0.base_layer(x)
+    torch.testing.assert_close(model.model.lin0(x), base_out + x @ expected.detach().T, atol=1e-5, rtol=1e-5)
+
+
+def test_equal_shapes_share_one_basis_tensor():
+    model = adapted()
+    model.add_adapter("second", rankwise.NolaConfig(target_modules=["lin0"], r=4, num_bases_a=16, num_bases_b=24))
+    first, second = model.model.lin0.adapters["default"], model.model.lin0.adapters["second"]
+    assert first.bases_a.data_ptr() == second.bases_a.data_ptr()
+    other_seed = rankwise.NolaConfig(target_modules=["lin0"], r=4, num_bases_a=16, num_bases_b=24, seed=7)
+    model.add_adapter("third", other_seed)
+    assert not torch.equal(model.model.lin0.adapters["third"].bases_a, first.bases_a)
+
+
+def test_file_holds_coefficients_only(tmp_path):
+    model = adapted()
+    model.save_adapter(tmp_path)
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sorted(k.rsplit(".", 1)[-1] for k in state) == ["nola_alpha", "nola_alpha", "nola_beta", "nola_beta"]
+    tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    assert tensor_bytes == 2 * (16 + 24) * 4
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert size < tensor_bytes + 1024, f"{size} bytes: more than coefficients and a small header"
+    config = (tmp_path / "adapter_config.json").read_text()
+    assert '"seed": 0' in config
+
+
+def test_bases_regenerate_identically_in_another_process():
+    code = (
+        "import torch, rankwise\n"
+        "from toy_models import MLP\n"
+        "torch.manual_seed(12345)\n"  # the global RNG must not matter
+        "m = rankwise.adapt(MLP(), rankwise.NolaConfig(target_modules=['lin0'], r=4, num_bases_a=16, num_bases_b=24))\n"
+        "a = m.model.lin0.adapters['default']\n"
+        "print(repr([float(t.double().sum()) for t in (a.offset_a, a.bases_a, a.bases_b)]))\n"
+        "print(repr(a.bases_a.flatten()[:5].tolist()))\n"
+    )
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    adapter = adapted().model.lin0.adapters["default"]
+    here = repr([float(t.double().sum()) for t in (adapter.offset_a, adapter.bases_a, adapter.bases_b)])
+    first = repr(adapter.bases_a.flatten()[:5].tolist())
+    assert result.stdout.splitlines() == [here, first]
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"r": 0}, "r"), ({"num_bases_a": 0}, "num_bases_a"), ({"num_bases_b": -3}, "num_bases_b"),
+    ({"nola_alpha": 0}, "nola_alpha"), ({"nola_dropout": 1.0}, "nola_dropout"), ({"seed": -1}, "seed"),
+    ({"r": 2.5}, "r"),
+])
+def test_bad_hyper_parameters(kwargs, field):
+    with pytest.raises(rankwise.ConfigError, match=field):
+        rankwise.NolaConfig(target_modules=["lin0"], **kwargs)
+
+
+def test_rank_larger_than_layer_is_refused_and_model_untouched():
+    base = MLP()
+    with pytest.raises(rankwise.ConfigError, match="at most 16"):
+        rankwise.adapt(base, rankwise.NolaConfig(target_modules=["lin0"], r=17))
+    assert isinstance(base.lin0, torch.nn.Linear)
