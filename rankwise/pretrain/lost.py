@@ -15,8 +15,8 @@ dense GEMM, no dense W is ever formed). Parameters: `r (in + out) + out k (+ out
 Confidence (see the spec, section 2): the official code was not available. The SVD split, the
 column rule and the gather forward come from the ICLR-2026 reviews; the sqrt(S) split of the
 factors, the values of W_s taken from W_comp, the SiLU placement (CoLA-style) and the defaults
-gamma=0.5, rho=0.05 are *inferred*. `activation="none"` gives the purely linear variant, for which
-`gamma * B A + (1 - gamma) * W_s-scatter` reproduces a scaled W0 split exactly.
+gamma=0.5, rho=0.05 are *inferred*. `activation="none"` gives the purely linear variant; `gamma=1`
+is the "SVD init only" ablation (no sparse part).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def lost_split(weight: torch.Tensor, rank: int, keep: int) -> tuple[torch.Tensor
     U, S, Vh = truncated_svd(weight, rank)
     root = S.sqrt()
     B, A = U * root, root[:, None] * Vh
-    complement = weight.float() - B @ A
+    complement = weight.to(B.dtype) - B @ A
     columns = torch.topk(complement.norm(dim=0), keep).indices.sort().values
     return B, A, columns, complement[:, columns]
 

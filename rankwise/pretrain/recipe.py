@@ -290,7 +290,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, text: st
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step_times.append(time.perf_counter() - tick)
-            train_losses.append(float(loss))
+            train_losses.append(float(loss.detach()))
             if not math.isfinite(train_losses[-1]):
                 raise FloatingPointError(f"{config.method}: training loss became {train_losses[-1]} at step {step}; "
                                          f"lower --lr (now {config.effective_lr})")
