@@ -63,3 +63,40 @@ def register(app: typer.Typer) -> None:
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         console.print(table)
         console.print(f"wrote {out / 'model.safetensors'}, {out / 'metrics.json'}, {out / 'val_ppl.png'}")
+
+    @app.command("welore")
+    def welore_command(
+        run: Path = typer.Argument(..., help="the --out directory of a `rankwise pretrain` run (ideally --method galore)"),
+        out: Optional[Path] = typer.Option(None, help="output directory (default RUN/welore)"),
+        target: float = typer.Option(0.5, help="global rank reduction for the fine-tuned model"),
+        sweep: str = typer.Option("0.3,0.5,0.7", help="comma-separated reductions for the trade-off sweep"),
+        min_ratio: float = typer.Option(0.4999, help="a matrix is factorised (LRC) if its own reduction exceeds this"),
+        finetune_steps: int = typer.Option(100, help="steps of LRC-only fine-tuning"),
+        lr: float = typer.Option(1e-4),
+    ) -> None:
+        """WeLore: compress the layers whose weights became low-rank, fine-tune only those, report the trade-off."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from rankwise.core.errors import RankwiseError
+        from rankwise.pretrain.welore_run import welore_on_run
+
+        console = Console()
+        out_dir = out or run / "welore"
+        try:
+            targets = tuple(float(t) for t in sweep.split(",") if t.strip())
+            result = welore_on_run(run, out_dir, targets, target, min_ratio, finetune_steps, lr)
+        except (RankwiseError, ValueError) as error:
+            console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(code=2) from error
+        table = Table(title=f"WeLore on {run} (base ppl {result['base_ppl']:.3f}, {result['base_params']} params)")
+        for column in ("reduction", "WeLore ppl", "WeLore params", "uniform ppl", "uniform params"):
+            table.add_column(column, justify="right")
+        for row in result["sweep"]:
+            table.add_row(f"{row['target_reduction']:.0%}", f"{row['welore_ppl']:.3f}", str(row["welore_params"]),
+                          f"{row['uniform_ppl']:.3f}", str(row["uniform_params"]))
+        console.print(table)
+        tuned = result["finetune"]
+        console.print(f"target {target:.0%}: {tuned['lrc_layers']} LRC layers, {tuned['trainable_params']} trainable; "
+                      f"ppl {tuned['ppl_compressed']:.3f} -> {tuned['ppl_finetuned']:.3f} after {finetune_steps} steps")
+        console.print(f"wrote {out_dir / 'welore_report.json'}, {out_dir / 'welore_tradeoff.png'}")
