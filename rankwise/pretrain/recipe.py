@@ -13,10 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from rankwise.core.errors import CheckpointError, ConfigError, check_field
+from rankwise.core.io import atomic_write, atomic_write_text
 from rankwise.data.offline_text import encode_bytes, load_corpus
 from rankwise.optim.galore import GaLoreAdamW, low_rank_param_groups, optimizer_state_bytes
 
@@ -184,27 +183,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int) -> floa
 
 
 # -- files -----------------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, then os.replace: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_run(out_dir: Path, model: nn.Module, config: PretrainConfig, metrics: dict) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write(out_dir / "pretrain_config.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2)))
-    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    atomic_write_text(out_dir / "pretrain_config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     plot_curves({config.method: metrics}, out_dir / "val_ppl.png")
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from rankwise.compress.welore import WeLoreConfig, fine_tune, uniform_compress, weight_spectra, welore_compress
-from rankwise.pretrain.recipe import atomic_write, load_run, perplexity, split_tokens, validation_windows
+from rankwise.core.io import atomic_write, atomic_write_text
+from rankwise.pretrain.recipe import load_run, perplexity, split_tokens, validation_windows
 
 
 def _params(model) -> int:
@@ -50,7 +51,7 @@ def welore_on_run(run_dir: str | Path, out_dir: str | Path, targets=(0.3, 0.5, 0
                                            "ppl_finetuned": perplexity(compressed, windows, config.batch_size),
                                            "steps": finetune_steps, "lr": lr, "losses": losses}}
     out_dir = Path(out_dir)
-    atomic_write(out_dir / "welore_report.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    atomic_write_text(out_dir / "welore_report.json", json.dumps(result, indent=2))
     plot_tradeoff(result, out_dir / "welore_tradeoff.png")
     return result
 
