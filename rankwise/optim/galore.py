@@ -92,6 +92,9 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _scale(self, group: dict) -> float:
         return 1.0
 
+    def _is_projected(self, p: torch.Tensor, group: dict) -> bool:
+        return "rank" in group
+
     @torch.no_grad()
     def _update_parameter(self, p: torch.Tensor, group: dict) -> None:
         grad = p.grad
@@ -100,7 +103,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
-        projected = "rank" in group
+        projected = self._is_projected(p, group)
         if projected:
             grad = self._project(state, grad, group)  # uses state["step"] before the increment
         if "exp_avg" not in state:
@@ -275,4 +278,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: Iterable[tor
         if wanted is None or id(p) in wanted:
             for value in state.values():
                 visit(value)
+    for value in getattr(optimizer, "shared_state", {}).values():  # e.g. DCT bases shared by all layers
+        visit(value)
     return total
