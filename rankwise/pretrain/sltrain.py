@@ -6,9 +6,9 @@ Each linear weight is `W = B (s A) + S`, with a fixed random sparse support::
     W (out x in) = B (out x r) @ (s * A) (r x in)  +  scatter(values (nnz), index (nnz))
     nnz = int(delta * out * in); index = sorted uniform draw, a buffer never changed or trained
 
-The custom autograd function saves only `(x, B, sA, values, index)`: W is rebuilt in backward,
+The custom autograd function saves only `(x, B, A, s, values, index)`: W is rebuilt in backward,
 so the activation memory of the layer equals a dense linear's (x only), and neither W nor `x Aᵀ`
-is kept. Stored parameters: `r (in + out) + nnz (+ out bias)`.
+is kept. (The spec saves `sA`, an r x in activation; saving A and the 0-d s instead removes it.) Stored parameters: `r (in + out) + nnz (+ out bias)`.
 """
 from __future__ import annotations
 
@@ -32,24 +32,27 @@ def sparse_plus_low_rank(B: torch.Tensor, sA: torch.Tensor, values: torch.Tensor
 
 class _SparsePlusLowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, B, sA, values, index, bias):
-        weight = sparse_plus_low_rank(B, sA, values, index)
-        ctx.save_for_backward(x, B, sA, values, index)
+    def forward(ctx, x, B, A, scale, values, index, bias):
+        weight = sparse_plus_low_rank(B, A * scale, values, index)
+        # only x is an activation; B, A, values, index are the layer's own tensors and scale is 0-d
+        ctx.save_for_backward(x, B, A, scale, values, index)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, B, sA, values, index = ctx.saved_tensors
-        weight = sparse_plus_low_rank(B, sA, values, index)
+        x, B, A, scale, values, index = ctx.saved_tensors
+        weight = sparse_plus_low_rank(B, A * scale, values, index)
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_w = grad_2d.T @ x.reshape(-1, x.shape[-1])  # transient dense out x in: the backward's peak
-        grad_B = grad_w @ sA.T if ctx.needs_input_grad[1] else None
-        grad_sA = B.T @ grad_w if ctx.needs_input_grad[2] else None
-        grad_values = grad_w.view(-1)[index] if ctx.needs_input_grad[3] else None
-        grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
-        return grad_x, grad_B, grad_sA, grad_values, None, grad_bias
+        grad_B = grad_w @ (A * scale).T if ctx.needs_input_grad[1] else None
+        grad_sA = B.T @ grad_w if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
+        grad_A = grad_sA * scale if ctx.needs_input_grad[2] else None
+        grad_scale = (grad_sA * A).sum().reshape(scale.shape) if ctx.needs_input_grad[3] else None
+        grad_values = grad_w.view(-1)[index] if ctx.needs_input_grad[4] else None
+        grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
+        return grad_x, grad_B, grad_A, grad_scale, grad_values, None, grad_bias
 
 
 class SLTrainLinear(nn.Module):
@@ -79,14 +82,19 @@ class SLTrainLinear(nn.Module):
         self.bias = nn.Parameter((torch.rand(out_features, generator=generator) * 2 - 1) * bound_out) if bias else None
         self.scaling_theta = nn.Parameter(torch.ones(1)) if trainable_scaling else None
         self.fixed_scaling = lora_alpha / rank
+        self.register_buffer("fixed_scale", torch.tensor(self.fixed_scaling), persistent=False)
+
+    def scale(self) -> torch.Tensor:
+        """s as a 0-d tensor: tanh(theta) (trainable) or lora_alpha / rank."""
+        if self.scaling_theta is not None:
+            return torch.tanh(self.scaling_theta[0])
+        return self.fixed_scale
 
     def scaled_A(self) -> torch.Tensor:
-        if self.scaling_theta is not None:
-            return self.lora_A * torch.tanh(self.scaling_theta)
-        return self.lora_A * self.fixed_scaling
+        return self.lora_A * self.scale()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SparsePlusLowRankLinear.apply(x, self.lora_B, self.scaled_A(), self.sparse_values,
+        return _SparsePlusLowRankLinear.apply(x, self.lora_B, self.lora_A, self.scale(), self.sparse_values,
                                               self.sparse_index, self.bias)
 
     @torch.no_grad()

@@ -11,18 +11,21 @@ def _dense_reference(layer):
     B = layer.lora_B.detach().clone().requires_grad_()
     A = layer.lora_A.detach().clone().requires_grad_()
     values = layer.sparse_values.detach().clone().requires_grad_()
-    W = B @ (layer.fixed_scaling * A) + torch.zeros(layer.out_features * layer.in_features).scatter(
+    theta = layer.scaling_theta.detach().clone().requires_grad_() if layer.scaling_theta is not None else None
+    scale = torch.tanh(theta) if theta is not None else layer.fixed_scaling
+    W = B @ (scale * A) + torch.zeros(layer.out_features * layer.in_features).scatter(
         0, layer.sparse_index, values).view(layer.out_features, layer.in_features)
     W.retain_grad()
-    return W, B, A, values
+    return W, B, A, values, theta
 
 
-def test_forward_and_gradients_match_dense_reference():
-    layer = SLTrainLinear(24, 40, rank=4, delta=0.1, lora_alpha=8)
+@pytest.mark.parametrize("trainable_scaling", [False, True])
+def test_forward_and_gradients_match_dense_reference(trainable_scaling):
+    layer = SLTrainLinear(24, 40, rank=4, delta=0.1, lora_alpha=8, trainable_scaling=trainable_scaling)
     torch.nn.init.normal_(layer.lora_B)  # B = 0 at init would hide errors in dA
     x = torch.randn(3, 5, 24, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    W, B, A, values = _dense_reference(layer)
+    W, B, A, values, theta = _dense_reference(layer)
     bias = layer.bias.detach().clone().requires_grad_()
     y, y_ref = layer(x), F.linear(x_ref, W, bias)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -33,14 +36,18 @@ def test_forward_and_gradients_match_dense_reference():
                       (layer.sparse_values.grad, values.grad), (layer.bias.grad, bias.grad)):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.sparse_values.grad, W.grad.view(-1)[layer.sparse_index], rtol=1e-5, atol=1e-6)
+    if trainable_scaling:
+        torch.testing.assert_close(layer.scaling_theta.grad, theta.grad, rtol=1e-5, atol=1e-6)
 
 
-def _saved_numel(fn):
+def _saved_numel(fn, exclude=None):
     total = 0
+    owned = {id(t) for t in [*exclude.parameters(), *exclude.buffers()]} if exclude is not None else set()
 
     def pack(tensor):
         nonlocal total
-        total += tensor.numel()
+        if id(tensor) not in owned:
+            total += tensor.numel()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -49,12 +56,14 @@ def _saved_numel(fn):
 
 
 def test_saved_tensor_budget_is_a_dense_layers():
+    # the only activation saved is x: everything else is the layer's own parameters/buffers
     layer = SLTrainLinear(1024, 1024, rank=32, delta=0.03)
     x = torch.randn(4, 1024, requires_grad=True)
     ours = _saved_numel(lambda: layer(x))
     nnz = int(0.03 * 1024 * 1024)
-    assert ours == 4 * 1024 + 2 * 32 * 1024 + 2 * nnz  # x, B, sA, values, index: ~0.13 M
+    assert ours == 4 * 1024 + 2 * 32 * 1024 + 2 * nnz + 1  # x, B, A, values, index and the 0-d s: ~0.13 M
     assert ours < 1024 * 1024
+    assert _saved_numel(lambda: layer(x), exclude=layer) == x.numel()  # activations: exactly a dense layer's
     naive = _saved_numel(lambda: F.linear(x, layer.dense_weight().requires_grad_(), layer.bias))
     assert naive >= 1024 * 1024  # the naive dense path saves W: the budget check can fail
 
