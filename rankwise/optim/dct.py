@@ -71,7 +71,7 @@ class DCTAdamW(LowRankAdamW):
         right = grad.shape[0] >= grad.shape[1]
         Q = self.basis(min(grad.shape), grad.dtype, group["sim_type"])
         rank = min(group["rank"], Q.shape[0])
-        state["right"], state["basis_size"] = right, Q.shape[0]
+        state["right"], state["basis_size"], state["sim_type"] = right, Q.shape[0], group["sim_type"]
         if "columns" not in state or state["step"] % group["update_proj_gap"] == 0:
             rotated = self._rotate(grad, Q, right, group["sim_type"])
             scores = rotated.norm(p=group["ell_norm"], dim=0 if right else 1)
@@ -93,6 +93,9 @@ class DCTAdamW(LowRankAdamW):
             moved = state[key] @ matching if right else matching.T @ state[key]
             state[key] = moved.abs() if key == "exp_avg_sq" else moved
 
-    def _project_back(self, state: dict, update: torch.Tensor, group: dict) -> torch.Tensor:
-        selected = self.basis(state["basis_size"], update.dtype, group["sim_type"])[:, state["columns"].long()]
-        return update @ selected.T if state["right"] else selected @ update
+    def _add_projected_back(self, p: torch.Tensor, state: dict, update: torch.Tensor, alpha: float) -> None:
+        selected = self.basis(state["basis_size"], update.dtype, state["sim_type"])[:, state["columns"].long()]
+        if state["right"]:
+            p.addmm_(update, selected.T, alpha=alpha)
+        else:
+            p.addmm_(selected, update, alpha=alpha)

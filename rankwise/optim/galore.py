@@ -38,7 +38,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     """AdamW with an optional low-rank projection per param group (the group has a `rank` key).
 
     Subclasses define `group_defaults` (projection hyper-parameters filled into every group with a
-    rank), `_check_group`, `_project(state, grad, group)` and `_project_back(state, update, group)`.
+    rank), `_check_group`, `_project(state, grad, group)` and `_add_projected_back(p, state, update, alpha)`.
     Two class flags select the Adam variant: `decay_after_update` (GaLore/HF AdamW applies the
     decoupled decay to the already-updated weight; torch AdamW and DCT-AdamW decay first) and
     `eps_bias_corrected` (DCT-AdamW uses `eps * sqrt(1 - beta2^t)`, i.e. eps on the corrected v).
@@ -86,7 +86,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _project(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def _project_back(self, state: dict, update: torch.Tensor, group: dict) -> torch.Tensor:
+    def _add_projected_back(self, p: torch.Tensor, state: dict, update: torch.Tensor, alpha: float) -> None:
+        """`p += alpha * back_projection(update)`, fused (addmm_) so no m x n temporary is allocated."""
         raise NotImplementedError
 
     def _scale(self, group: dict) -> float:
@@ -123,10 +124,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         step_size = lr * math.sqrt(bias_correction2) / bias_correction1
         normalized = exp_avg / exp_avg_sq.sqrt().add_(eps)
         if projected:
-            # the scale is folded into the step size: one m x n multiply fewer than galore-torch
-            normalized = self._project_back(state, normalized, group)
-            step_size *= self._scale(group)
-        p.add_(normalized, alpha=-step_size)
+            # scale folded into the step size and back-projection fused into the add: galore-torch
+            # allocates and rescales two m x n temporaries here
+            self._add_projected_back(p, state, normalized, -step_size * self._scale(group))
+        else:
+            p.add_(normalized, alpha=-step_size)
         if wd > 0.0 and self.decay_after_update:
             p.add_(p, alpha=-lr * wd)
 
@@ -222,13 +224,14 @@ class GaLoreAdamW(LowRankAdamW):
             return projector.T @ grad
         return projector[0].T @ grad @ projector[1].T
 
-    def _project_back(self, state: dict, update: torch.Tensor, group: dict) -> torch.Tensor:
+    def _add_projected_back(self, p: torch.Tensor, state: dict, update: torch.Tensor, alpha: float) -> None:
         projector, side = state["projector"], state["side"]
         if side == "right":
-            return update @ projector
-        if side == "left":
-            return projector @ update
-        return projector[0] @ update @ projector[1]
+            p.addmm_(update, projector, alpha=alpha)
+        elif side == "left":
+            p.addmm_(projector, update, alpha=alpha)
+        else:
+            p.addmm_(projector[0] @ update, projector[1], alpha=alpha)
 
 
 def low_rank_param_groups(model: nn.Module, targets: Iterable[str] = ("attn", "mlp"), **projection) -> list[dict]:
