@@ -1,1 +1,9 @@
-
+"""Low-rank optimizers: drop-in `torch.optim.Optimizer`s (GaLore, SVD-free DCT)."""
+from rankwise.optim.dct import DCTAdamW  # noqa: F401
+from rankwise.optim.galore import (  # noqa: F401
+    GaLoreAdamW,
+    LowRankAdamW,
+    galore_param_groups,
+    low_rank_param_groups,
+    optimizer_state_bytes,
+)
