@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rankwise.core.errors import ShapeError, TargetError, check_field
+from rankwise.linalg import SecondMoments
 
 # Layers no compressor touches unless asked by name: they tie to the vocabulary or are tiny.
 NEVER_BY_DEFAULT = re.compile(r"(^|\.)(lm_head|embed_tokens|wte|wpe|word_embeddings|position_embeddings|classifier)$")
@@ -278,16 +279,21 @@ def blockwise(model: nn.Module, batches: list[Batch], progress: str = "") -> Ite
         inputs = [with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
 
 
-def record_io(modules: dict[str, nn.Module], inputs: bool = False) -> tuple[dict[str, list], Callable[[], None]]:
-    """Forward hooks that keep each module's output (or input) rows; returns `(store, remove)`."""
-    store: dict[str, list] = {name: [] for name in modules}
+def moment_hooks(modules: dict[str, nn.Module], side: str = "input") -> tuple[dict[str, SecondMoments], Callable[[], None]]:
+    """Forward hooks accumulating float64 second moments of each module's input or output rows.
+
+    Returns `(stats, remove)`; `stats[name]` is a `linalg.SecondMoments` filled on every forward.
+    """
+    stats: dict[str, SecondMoments] = {}
     handles = []
     for name, module in modules.items():
         def hook(_m, args, output, name=name):
-            tensor = args[0] if inputs else output
-            store[name].append(tensor.detach().reshape(-1, tensor.shape[-1]))
+            tensor = args[0] if side == "input" else output
+            if name not in stats:
+                stats[name] = SecondMoments(tensor.shape[-1])
+            stats[name].update(tensor)
         handles.append(module.register_forward_hook(hook))
-    return store, lambda: [h.remove() for h in handles]
+    return stats, lambda: [h.remove() for h in handles]
 
 
 def track(items: list, description: str) -> Iterator:
