@@ -82,7 +82,8 @@ class LowRankLinear(nn.Module):
         """Build from `up` (out x r) and `down` (r x in) so that `weight == up @ down`."""
         if up.shape[1] != down.shape[0]:
             raise ShapeError(f"factor shapes do not chain: up {tuple(up.shape)} @ down {tuple(down.shape)}")
-        layer = cls(down.shape[1], up.shape[0], down.shape[0], down_bias is not None, up_bias is not None, activation)
+        layer = cls(down.shape[1], up.shape[0], down.shape[0], down_bias is not None, up_bias is not None,
+                    activation).to(down.dtype)
         with torch.no_grad():
             layer.down.weight.copy_(down)
             layer.up.weight.copy_(up)

@@ -100,8 +100,8 @@ def afm_embedding(embedding: nn.Embedding, stats: SecondMoments, rank: int) -> L
     """Frequency-weighted PCA of the looked-up rows: table `(E - mu) U_k`, decompressor `(U_k, mu)`."""
     mu = stats.mean()
     _, U = top_eigenvectors(stats.covariance(), rank)
-    new = LowRankEmbedding(embedding.num_embeddings, embedding.embedding_dim, rank)
     dtype = embedding.weight.dtype
+    new = LowRankEmbedding(embedding.num_embeddings, embedding.embedding_dim, rank).to(dtype)
     with torch.no_grad():
         new.table.weight.copy_(((embedding.weight.double() - mu) @ U).to(dtype))
         new.up.weight.copy_(U.to(dtype))
@@ -131,10 +131,10 @@ def _replace(model: nn.Module, names: list[str], stats: dict[str, SecondMoments]
 def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Module, CompressionReport]:
     """Replace the targeted linears (and embeddings if `embedding_rank`) in place by AFM factors."""
     batches = check_calibration(model, calibration)
-    names = select_linears(model, config)
-    if config.embedding_rank is not None:
-        names += [n for n in select_linears(model, config, types=(nn.Embedding,))
-                  if get_module(model, n).embedding_dim > config.embedding_rank]
+    types = (nn.Linear,) if config.embedding_rank is None else (nn.Linear, nn.Embedding)
+    names = [n for n in select_linears(model, config, types)
+             if not isinstance(get_module(model, n), nn.Embedding)
+             or get_module(model, n).embedding_dim > config.embedding_rank]
     builder = ReportBuilder("afm", model, config, names)
     found = find_blocks(model)
     in_blocks = found is not None and all(n.startswith(found[0] + ".") for n in names)

@@ -258,6 +258,7 @@ def _head_diag(weight: torch.Tensor, bias: torch.Tensor | None, corr: torch.Tens
 
 def _scatter(linear: nn.Linear, rows: torch.Tensor) -> ScatterOutputLinear:
     new = ScatterOutputLinear(linear.in_features, rows, linear.out_features, linear.bias is not None)
+    new = new.to(linear.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(linear.weight[rows])
         if linear.bias is not None:
@@ -300,8 +301,8 @@ def _compress_vo(attn: nn.Module, corr: torch.Tensor, keep: float, ridge: float)
     v_index = torch.cat([j * hd + torch.arange(k) for j in range(n_kv)])
     o_index = torch.cat([h * hd + torch.arange(k) for h in range(n_heads)])
     has_bias = o.bias is not None or v.bias is not None
-    new_v_layer = ScatterOutputLinear(v.in_features, v_index, v.out_features, bias=False)
-    new_o_layer = GatherInputLinear(o.in_features, o_index, o.out_features, bias=has_bias)
+    new_v_layer = ScatterOutputLinear(v.in_features, v_index, v.out_features, bias=False).to(dtype)
+    new_o_layer = GatherInputLinear(o.in_features, o_index, o.out_features, bias=has_bias).to(dtype)
     with torch.no_grad():
         new_v_layer.weight.copy_(torch.cat(new_v_rows).to(dtype))
         new_o_layer.weight.copy_(torch.cat(new_o_cols, dim=1).to(dtype))
