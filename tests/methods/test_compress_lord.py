@@ -90,3 +90,19 @@ def test_bad_allocation_and_no_layers():
         compress(nn.Sequential(nn.ReLU()), "svd", ratio=0.5)
     with pytest.raises(TargetError, match="no compressible"):
         compress(tiny_llama(), "lord", ratio=0.5, target_modules=["does_not_exist"])
+
+
+def test_lora_on_top_of_lord_factors():
+    import rankwise
+
+    model, _ = compress(tiny_llama(), "lord", ratio=0.5)
+    ids = torch.randint(0, 64, (2, 8))
+    compressed_out = model(ids).logits.detach()
+    adapted = rankwise.adapt(model, rankwise.LoraConfig(r=2, target_modules=["down", "up"]))
+    names = [n for n, _ in adapted.adapted_layers()]
+    assert names and all(n.endswith((".down", ".up")) for n in names)
+    torch.testing.assert_close(adapted(ids).logits, compressed_out)  # LoRA starts as the identity
+    loss = adapted(ids, labels=ids).loss
+    loss.backward()
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
