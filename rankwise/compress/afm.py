@@ -137,7 +137,9 @@ def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Modul
              or get_module(model, n).embedding_dim > config.embedding_rank]
     builder = ReportBuilder("afm", model, config, names)
     found = find_blocks(model)
-    in_blocks = found is not None and all(n.startswith(found[0] + ".") for n in names)
+    # block-by-block only when every target sits strictly inside a block (a ModuleList of tables is not "blocks")
+    depth = found[0].count(".") + 2 if found is not None and found[0] else 1
+    in_blocks = found is not None and all(n.startswith(found[0] + ".") and n.count(".") >= depth for n in names)
     if not in_blocks:
         stats, remove = moment_hooks({n: get_module(model, n) for n in names}, side="output")
         try:

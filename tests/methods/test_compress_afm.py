@@ -115,3 +115,24 @@ def test_bad_config():
         AFMConfig(embedding_rank=0)
     with pytest.raises(ConfigError, match="activation"):
         AFMConfig(activation="swish-ish")
+
+
+def test_ctr_embeddings_only_use_one_pass_not_blocks():
+    from rankwise.data.movielens import DeepFM
+
+    torch.manual_seed(0)
+    model = DeepFM([30, 40, 5], dim=8, hidden=(32, 16)).eval()
+    x = torch.stack([torch.randint(0, n, (512,)) for n in (30, 40, 5)], dim=1)
+    full, _ = compress(copy.deepcopy(model), "afm", [x], ratio=1.0, target_modules=[r"^embeddings\.\d$"],
+                       embedding_rank=7)
+    low, _ = compress(copy.deepcopy(model), "afm", [x], ratio=1.0, target_modules=[r"^embeddings\.\d$"],
+                      embedding_rank=2)
+    reference = model(x)
+    assert (full(x) - reference).abs().max() < (low(x) - reference).abs().max()
+    for f, table in enumerate(model.embeddings):
+        looked_up = table(x[:, f])
+        err = (low.embeddings[f](x[:, f]) - looked_up).pow(2).sum(1).mean()
+        stats = SecondMoments(8)
+        stats.update(looked_up)
+        eig = torch.linalg.eigvalsh(stats.covariance()).flip(0)
+        torch.testing.assert_close(err.double(), eig[2:].sum(), rtol=1e-3, atol=1e-6)
