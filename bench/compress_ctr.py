@@ -19,7 +19,7 @@ import torch
 
 from rankwise.compress import compress
 from rankwise.compress._common import count_parameters
-from rankwise.compress.afm import LowRankEmbedding
+from rankwise.compress.afm import LowRankEmbedding, embedding_shrinks
 from rankwise.data.movielens import DeepFM, ctr_metrics, load_movielens_ctr, train_ctr
 from rankwise.linalg import truncated_svd
 
@@ -31,6 +31,8 @@ EMB = [r"^embeddings\.\d$"]
 def svd_embeddings(model: DeepFM, rank: int) -> DeepFM:
     """The data-free baseline for tables: rank-k SVD of each table, uniform over rows."""
     for f, table in enumerate(model.embeddings):
+        if not embedding_shrinks(table, rank):
+            continue
         U, S, Vh = truncated_svd(table.weight.detach(), rank)
         new = LowRankEmbedding(table.num_embeddings, table.embedding_dim, rank)
         with torch.no_grad():

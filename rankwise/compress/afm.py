@@ -73,6 +73,12 @@ class LowRankEmbedding(nn.Module):
 register_module_kind("low_rank_embedding", LowRankEmbedding, LowRankEmbedding.spec, LowRankEmbedding.from_spec)
 
 
+def embedding_shrinks(table: nn.Embedding, rank: int) -> bool:
+    """A k-wide table plus its decompressor (k*d + d) must be smaller than the n x d table."""
+    n, d = table.num_embeddings, table.embedding_dim
+    return rank < d and n * rank + rank * d + d < n * d
+
+
 def afm_factors(stats: SecondMoments, weight: torch.Tensor, bias: torch.Tensor | None, rank: int):
     """`(up, down, up_bias, down_bias)` of the AFM layer from output statistics (math in the module doc)."""
     mu = stats.mean()
@@ -134,7 +140,7 @@ def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Modul
     types = (nn.Linear,) if config.embedding_rank is None else (nn.Linear, nn.Embedding)
     names = [n for n in select_linears(model, config, types)
              if not isinstance(get_module(model, n), nn.Embedding)
-             or get_module(model, n).embedding_dim > config.embedding_rank]
+             or embedding_shrinks(get_module(model, n), config.embedding_rank)]
     builder = ReportBuilder("afm", model, config, names)
     found = find_blocks(model)
     # block-by-block only when every target sits strictly inside a block (a ModuleList of tables is not "blocks")
