@@ -30,7 +30,7 @@ from rankwise.compress._common import (ACTIVATIONS, CompressConfig, CompressionR
                                        blockwise, check_calibration, find_blocks, get_module, moment_hooks,
                                        run_block, run_model, saves_parameters, select_linears, set_module)
 from rankwise.compress.serialize import register_module_kind
-from rankwise.core.errors import check_field
+from rankwise.core.errors import TargetError, check_field
 from rankwise.linalg import SecondMoments, top_eigenvectors
 
 
@@ -141,6 +141,9 @@ def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Modul
     names = [n for n in select_linears(model, config, types)
              if not isinstance(get_module(model, n), nn.Embedding)
              or embedding_shrinks(get_module(model, n), config.embedding_rank)]
+    if not names:
+        raise TargetError(f"AFM: no targeted layer would shrink (embedding_rank={config.embedding_rank} is too large "
+                          "for the matched tables): lower embedding_rank or target more layers")
     builder = ReportBuilder("afm", model, config, names)
     found = find_blocks(model)
     # block-by-block only when every target sits strictly inside a block (a ModuleList of tables is not "blocks")

@@ -9,7 +9,7 @@ from torch import nn
 from _compress_models import tiny_llama, token_batches
 from rankwise.compress import LowRankLinear, compress, load_compressed, save_compressed
 from rankwise.compress.afm import AFMConfig, LowRankEmbedding, afm_linear
-from rankwise.core.errors import ConfigError
+from rankwise.core.errors import ConfigError, TargetError
 from rankwise.linalg import SecondMoments
 
 
@@ -121,10 +121,10 @@ def test_ctr_embeddings_only_use_one_pass_not_blocks():
     from rankwise.data.movielens import DeepFM
 
     torch.manual_seed(0)
-    model = DeepFM([30, 40, 5], dim=8, hidden=(32, 16)).eval()
-    x = torch.stack([torch.randint(0, n, (512,)) for n in (30, 40, 5)], dim=1)
+    model = DeepFM([300, 400, 50], dim=8, hidden=(32, 16)).eval()
+    x = torch.stack([torch.randint(0, n, (512,)) for n in (300, 400, 50)], dim=1)
     full, _ = compress(copy.deepcopy(model), "afm", [x], ratio=1.0, target_modules=[r"^embeddings\.\d$"],
-                       embedding_rank=7)
+                       embedding_rank=6)
     low, _ = compress(copy.deepcopy(model), "afm", [x], ratio=1.0, target_modules=[r"^embeddings\.\d$"],
                       embedding_rank=2)
     reference = model(x)
@@ -136,3 +136,5 @@ def test_ctr_embeddings_only_use_one_pass_not_blocks():
         stats.update(looked_up)
         eig = torch.linalg.eigvalsh(stats.covariance()).flip(0)
         torch.testing.assert_close(err.double(), eig[2:].sum(), rtol=1e-3, atol=1e-6)
+    with pytest.raises(TargetError, match="embedding_rank"):
+        compress(copy.deepcopy(model), "afm", [x], target_modules=[r"^embeddings\.2$"], embedding_rank=7)
