@@ -297,6 +297,19 @@ def moment_hooks(modules: dict[str, nn.Module], side: str = "input") -> tuple[di
     return stats, lambda: [h.remove() for h in handles]
 
 
+def collect_moments(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch],
+                    side: str = "input") -> dict[str, SecondMoments]:
+    """Run the whole model over `batches` once and return the second moments `moment_hooks` gathered."""
+    stats, remove = moment_hooks(modules, side)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_model(model, batch)
+    finally:
+        remove()
+    return stats
+
+
 def track(items: list, description: str) -> Iterator:
     """A rich progress bar when stderr is a terminal, plain iteration otherwise."""
     import sys

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from rankwise.compress._common import (ACTIVATIONS, CompressConfig, CompressionReport, LowRankLinear, ReportBuilder,
-                                       blockwise, check_calibration, find_blocks, get_module, moment_hooks,
-                                       run_block, run_model, saves_parameters, select_linears, set_module)
+                                       blockwise, check_calibration, collect_moments, find_blocks, get_module,
+                                       moment_hooks, run_block, saves_parameters, select_linears, set_module)
 from rankwise.compress.serialize import register_module_kind
 from rankwise.core.errors import TargetError, check_field
 from rankwise.linalg import SecondMoments, top_eigenvectors
@@ -150,13 +150,7 @@ def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Modul
     depth = found[0].count(".") + 2 if found is not None and found[0] else 1
     in_blocks = found is not None and all(n.startswith(found[0] + ".") and n.count(".") >= depth for n in names)
     if not in_blocks:
-        stats, remove = moment_hooks({n: get_module(model, n) for n in names}, side="output")
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    run_model(model, batch)
-        finally:
-            remove()
+        stats = collect_moments(model, {n: get_module(model, n) for n in names}, batches, side="output")
         _replace(model, names, stats, config, builder.report)
         return model, builder.finish()
     for index, block, inputs in blockwise(model, batches, "afm: blocks"):

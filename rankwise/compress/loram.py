@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from rankwise.compress._common import (CompressConfig, CompressionReport, check_calibration, count_parameters,
-                                       find_blocks, get_module, moment_hooks, run_model, track)
+                                       collect_moments, find_blocks, get_module, run_model, track)
 from rankwise.core.errors import ConfigError, TargetError, check_field
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,13 +100,7 @@ def prune_llama(model: nn.Module, batches: list, ratio: float, prune_attention: 
     for i, block in enumerate(blocks):
         watched[f"{i}.mlp"] = block.mlp.down_proj
         watched[f"{i}.attn"] = block.self_attn.o_proj
-    stats, remove = moment_hooks(watched, side="input")
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run_model(model, batch)
-    finally:
-        remove()
+    stats = collect_moments(model, watched, batches, side="input")
     pruned = copy.deepcopy(model)
     index: dict[str, dict[str, torch.Tensor]] = {}
     for i, block in enumerate(found[1]):

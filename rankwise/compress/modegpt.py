@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankwise.compress._common import (CompressConfig, CompressionReport, ReportBuilder, blockwise, block_hidden,
-                                       check_calibration, find_blocks, get_module, moment_hooks, run_block,
-                                       set_module, capture_block_inputs, with_hidden)
+from rankwise.compress._common import (CompressConfig, CompressionReport, ReportBuilder, block_hidden, blockwise,
+                                       capture_block_inputs, check_calibration, find_blocks, get_module, moment_hooks,
+                                       run_block, with_hidden)
 from rankwise.compress.serialize import register_module_kind
 from rankwise.core.errors import ConfigError, TargetError, check_field
 from rankwise.linalg import psd_sqrt_and_inverse_sqrt

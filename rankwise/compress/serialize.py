@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from rankwise.compress._common import LowRankLinear, get_module, set_module
 from rankwise.core.errors import CheckpointError
+from rankwise.core.io import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 WEIGHTS, STRUCTURE, HF_CONFIG = "model.safetensors", "compression.json", "config.json"
@@ -89,24 +89,8 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> n
     return model
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-
-    _atomic_write_bytes(path, write)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, method_config: dict[str, Any] | None = None,
@@ -118,7 +102,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, method_config:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS
-    _atomic_write_bytes(weights, lambda tmp: save_model(model, tmp, metadata={"format": "pt", "rankwise": "compressed"}))
+    atomic_write(weights, lambda tmp: save_model(model, tmp, metadata={"format": "pt", "rankwise": "compressed"}))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         _write_json(out / HF_CONFIG, config.to_dict())

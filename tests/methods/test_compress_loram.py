@@ -8,8 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from _compress_models import token_batches
 from rankwise.compress import compress
 from rankwise.compress._common import count_parameters
-from rankwise.compress.loram import (LoramConfig, kv_head_rows, prune_llama, recover_factors, storage_ratio,
-                                     train_lora)
+from rankwise.compress.loram import LoramConfig, kv_head_rows, prune_llama, recover_factors, storage_ratio
 from rankwise.core.errors import ConfigError, TargetError
 
 
