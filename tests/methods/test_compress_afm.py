@@ -138,3 +138,18 @@ def test_ctr_embeddings_only_use_one_pass_not_blocks():
         torch.testing.assert_close(err.double(), eig[2:].sum(), rtol=1e-3, atol=1e-6)
     with pytest.raises(TargetError, match="embedding_rank"):
         compress(copy.deepcopy(model), "afm", [x], target_modules=[r"^embeddings\.2$"], embedding_rank=7)
+
+
+def test_movielens_ctr_data_loads_offline():
+    import importlib.util
+
+    if importlib.util.find_spec("recbole") is None:
+        pytest.skip("MovieLens-100k ships in the recbole wheel: pip install --no-deps recbole==1.2.1")
+    from rankwise.data.movielens import FIELDS, load_movielens_ctr
+
+    data = load_movielens_ctr()
+    assert data.features.shape == (100_000, len(FIELDS))
+    assert data.field_sizes[:2] == [943, 1682]
+    assert 0.5 < float(data.labels.mean()) < 0.6  # rating >= 4
+    train, valid, test = data.split()
+    assert len(train.labels) + len(valid.labels) + len(test.labels) == 100_000
