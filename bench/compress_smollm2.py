@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32)
     parser.add_argument("--eval", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--results", default="compress_smollm2", help="JSON/PNG name under bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(1)  # faster than 2 on a shared 2-core box (measured 4.8 s vs 15.5 s per 128-token forward)
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
@@ -68,8 +69,8 @@ def main() -> None:
                    "options": options, "extra": {k: v for k, v in report.extra.items() if k != "history"}}
             print(json.dumps({k: row[k] for k in ("method", "ratio", "measured_ratio", "perplexity", "latency_ms",
                                                    "compress_seconds")}), flush=True)
-            data = merge_results(RESULTS / "compress_smollm2.json", [row], meta)
-            plot(data, RESULTS / "compress_smollm2.png", title="SmolLM2-135M, held-out KJV perplexity")
+            data = merge_results(RESULTS / f"{args.results}.json", [row], meta)
+            plot(data, RESULTS / f"{args.results}.png", title="SmolLM2-135M, held-out KJV perplexity")
 
 
 if __name__ == "__main__":
