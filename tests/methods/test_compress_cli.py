@@ -73,3 +73,34 @@ def test_wrong_calibration_shape_writes_nothing(model_dir, tmp_path):
     result = runner.invoke(app, ["compress", str(model_dir), "--method", "afm", "--calibration", str(floats),
                                  "--out", str(out)])
     assert result.exit_code == 2 and "dtype" in result.output and not out.exists()
+
+
+def test_encoder_model_with_text_calibration(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = "the a of and to in is was it that he she they we you god earth light day night water land".split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+    model_dir = tmp_path / "bert"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(str(model_dir))
+    BertTokenizer(str(vocab)).save_pretrained(str(model_dir))
+    generator = torch.Generator().manual_seed(0)
+    sentences = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=generator))
+                 for _ in range(60)]
+    text = tmp_path / "text.txt"
+    text.write_text(". ".join(sentences) + ".")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compress", str(model_dir), "--method", "afm", "--ratio", "0.6", "--calibration",
+                                 str(text), "--out", str(out), "--samples", "32", "--eval-samples", "16"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    cosine = report["quality"]["after"]["embedding_cosine_to_original"]
+    assert report["quality"]["before"]["embedding_cosine_to_original"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.5 < cosine < 1.0
+    assert len(report["layers"]) == 12  # q, k, v, attention out, intermediate, output per layer
+    reloaded = load_compressed(out)
+    ids = torch.randint(5, len(words) + 5, (2, 6))
+    assert torch.isfinite(reloaded(ids).last_hidden_state).all()
