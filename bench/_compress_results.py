@@ -44,3 +44,15 @@ def plot(data: dict, png: Path, metric: str = "perplexity", title: str = "") -> 
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+
+
+def combine(target: Path, sources: list[Path], title: str, metric: str = "perplexity") -> dict:
+    """Merge the runs of several result files (benchmarks run in parallel processes) into one, and re-plot."""
+    data = json.loads(target.read_text()) if target.exists() else None
+    for source in sources:
+        extra = json.loads(source.read_text())
+        data = merge_results(target, extra["runs"], extra["meta"]) if data is not None else extra
+        if not target.exists():
+            target.write_text(json.dumps(data, indent=2))
+    plot(data, target.with_suffix(".png"), metric=metric, title=title)
+    return data
