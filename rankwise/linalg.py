@@ -238,3 +238,56 @@ def dct_ortho(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     out = (spectrum * twiddle).real * math.sqrt(2.0 / n)
     out[..., 0] /= math.sqrt(2.0)
     return out.to(x.dtype).transpose(dim, -1)
+class SecondMoments:
+    """Running `sum x`, `sum x xᵀ` and count over the rows of 2-D batches, accumulated in float64.
+
+    Calibration statistics of compressors (AFM's output covariance, MoDeGPT's input correlations)
+    sum millions of fp32 products; float64 keeps the small eigenvalues that decide truncation.
+    """
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self.count = 0
+        self.total = torch.zeros(self.dim, dtype=torch.float64)
+        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
+        if rows.shape[-1] != self.dim:
+            raise ValueError(f"SecondMoments expects rows of width {self.dim}, got {rows.shape[-1]}")
+        self.count += rows.shape[0]
+        self.total += rows.sum(0)
+        self.outer += rows.T @ rows
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    def correlation(self) -> torch.Tensor:
+        """`E[x xᵀ]` (uncentred)."""
+        return self.outer / max(self.count, 1)
+
+    def covariance(self) -> torch.Tensor:
+        """`E[x xᵀ] - μ μᵀ` (centred, population normalisation)."""
+        mu = self.mean()
+        return self.correlation() - torch.outer(mu, mu)
+
+
+def top_eigenvectors(symmetric: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`k` eigenpairs of a symmetric matrix, eigenvalues descending: `(values[k], vectors[n, k])`."""
+    values, vectors = torch.linalg.eigh(symmetric)
+    order = torch.argsort(values, descending=True)[:k]
+    return values[order], vectors[:, order]
+
+
+def psd_sqrt_and_inverse_sqrt(symmetric: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(C^{1/2}, C^{-1/2})` of a positive semi-definite matrix, with `ridge * mean(diag C)` added first.
+
+    The relative ridge keeps `C^{-1/2}` finite when calibration activations are rank-deficient.
+    """
+    work = symmetric.to(torch.float64)
+    if ridge > 0:
+        work = work + ridge * work.diagonal().mean() * torch.eye(work.shape[0], dtype=work.dtype)
+    values, vectors = torch.linalg.eigh(work)
+    values = values.clamp_min(torch.finfo(values.dtype).tiny)
+    root = values.sqrt()
+    return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T

@@ -1,0 +1,88 @@
+"""Compression quality on a real encoder: all-MiniLM-L6-v2 (BERT, 6 layers).
+
+Quality = (1) mean cosine similarity of the compressed model's sentence embeddings (masked mean
+pooling) to the original's on 500 held-out tweets, and (2) test accuracy of a logistic-regression
+probe trained on each model's own embeddings of 1000 tweets (3-class sentiment, the embedded
+classification task; the original model's probe is the reference). Calibration = 256 other tweets.
+Every encoder linear (query/key/value/attention output/intermediate/output, 36 layers) is compressed.
+MoDeGPT is not run here: it supports Llama-style blocks only.
+
+    PYTHONPATH=. python bench/compress_minilm.py --methods svd lord afm --ratios 0.9 0.8 0.7 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from _compress_results import merge_results, plot  # bench/ is on sys.path when run as a script
+from rankwise.compress import get_method
+from rankwise.compress.evaluate import cpu_latency_ms, embedding_cosine, mean_pooled_embeddings
+from rankwise.data.offline_assets import minilm_dir
+from rankwise.data.text import load_text_classification
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def batches(tokenizer, texts, size=32):
+    return [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+            for i in range(0, len(texts), size)]
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=2000).fit(train_x.numpy(), train_y)
+    return float(clf.score(test_x.numpy(), test_y))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--methods", nargs="+", default=["svd", "lord", "afm"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.5])
+    parser.add_argument("--option", nargs="*", default=[])
+    parser.add_argument("--variant", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    base = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+    data = load_text_classification(train_size=1256, test_size=500, seed=0)
+    calibration = batches(tokenizer, data.train_texts[1000:1256])
+    train_b, test_b = batches(tokenizer, data.train_texts[:1000]), batches(tokenizer, data.test_texts)
+    train_y, test_y = data.train_labels[:1000], data.test_labels
+    ref_train, ref_test = mean_pooled_embeddings(base, train_b), mean_pooled_embeddings(base, test_b)
+    base_acc = probe_accuracy(ref_train, train_y, ref_test, test_y)
+    meta = {"model": "all-MiniLM-L6-v2", "data": data.summary(), "base": 1.0, "base_probe_accuracy": base_acc,
+            "base_latency_ms": cpu_latency_ms(base, test_b[0], repeats=3), "latency_batch": "32 tweets, <=64 tokens",
+            "threads": 1}
+    print(meta, flush=True)
+    for method in args.methods:
+        config_cls, run = get_method(method)
+        for ratio in args.ratios:
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            model, report = run(model, config_cls(ratio=ratio, **options), calibration)
+            seconds = time.perf_counter() - start
+            emb_train, emb_test = mean_pooled_embeddings(model, train_b), mean_pooled_embeddings(model, test_b)
+            row = {"method": method, "variant": args.variant, "ratio": ratio, "measured_ratio": report.compressed_ratio,
+                   "cosine": embedding_cosine(ref_test, emb_test),
+                   "probe_accuracy": probe_accuracy(emb_train, train_y, emb_test, test_y),
+                   "params_after": report.params_after, "params_before": report.params_before,
+                   "latency_ms": cpu_latency_ms(model, test_b[0], repeats=3), "compress_seconds": seconds,
+                   "options": options}
+            print(json.dumps(row), flush=True)
+            data_out = merge_results(RESULTS / "compress_minilm.json", [row], meta)
+            plot(data_out, RESULTS / "compress_minilm.png", metric="cosine",
+                 title="all-MiniLM-L6-v2: embedding cosine to the original (held-out tweets)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""MoDeGPT: modular decomposition of transformer blocks (Lin et al., ICLR 2025, arXiv 2408.09632).
+
+Each block is three *modules*, each a pair of matrices sharing an inner dimension that is shrunk by
+reconstructing the module's output on calibration data (no gradients, no factor pairs):
+
+    MLP  (type I, nonlinear)  x -> act(x Wg) * (x Wu) -> Wd : Nystrom: keep the D_int columns with the
+                                                               largest ridge leverage of C_s = E[h hᵀ],
+                                                               refit Wd by least squares
+    Q-K  (type II, bilinear)  per head, keep head dims by CR scores sqrt(Cq_ii Ck_ii) (RoPE pairs
+                              (i, i+hd/2) together, scores summed over the query heads of a KV head)
+    V-O  (type III, linear)   per KV head, SVD of C^{1/2} Wv [Wo_h ...]: Wv' = C^{-1/2} U_k,
+                              Wo_h' = U_kᵀ C^{1/2} Wv Wo_h (optimal for the module output)
+
+Layer sparsity phi_l = L * phi_mean * softmax(-s_l / eps) from the Block-Influence score
+s_l = 1 - E[cos(x_in, x_out)] (less important blocks are cut more), clamped and redistributed so
+mean(phi) = phi_mean = 1 - ratio. Calibration statistics are accumulated in float64 and the blocks are
+processed in order on the outputs of the already-compressed earlier blocks.
+
+Shapes stay what Hugging Face's attention code expects: a pruned Q/K/V projection computes only its kept
+rows and scatters them into zeros (`ScatterOutputLinear`), O reads only the kept columns
+(`GatherInputLinear`). Parameters shrink by the kept fraction; attention FLOPs are unchanged.
+Supports Llama-style blocks (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rankwise.compress._common import (CompressConfig, CompressionReport, ReportBuilder, block_hidden, blockwise,
+                                       capture_block_inputs, check_calibration, find_blocks, get_module, moment_hooks,
+                                       run_block, with_hidden)
+from rankwise.compress.serialize import register_module_kind
+from rankwise.core.errors import ConfigError, TargetError, check_field
+from rankwise.linalg import psd_sqrt_and_inverse_sqrt
+
+MODULES = ("mlp", "qk", "vo")
+
+
+@dataclass
+class ModeGPTConfig(CompressConfig):
+    """ratio = 1 - mean layer sparsity. eps: allocation temperature (code3's 0.15; the paper's value was not
+    retrieved). max_sparsity: per-layer cap (0.8). nystrom_ridge / vo_ridge: ridges relative to mean(diag C)."""
+
+    modules: tuple[str, ...] = MODULES
+    allocation: str = "global"
+    eps: float = 0.15
+    max_sparsity: float = 0.8
+    nystrom_ridge: float = 1e-2
+    vo_ridge: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = "ModeGPTConfig"
+        self.modules = tuple(self.modules)
+        check_field(bool(self.modules) and set(self.modules) <= set(MODULES), name, "modules", self.modules,
+                    f"a non-empty subset of {MODULES}")
+        check_field(self.allocation in ("global", "uniform"), name, "allocation", self.allocation, "'global' or 'uniform'")
+        check_field(self.eps > 0, name, "eps", self.eps, "a positive temperature")
+        check_field(0 < self.max_sparsity < 1, name, "max_sparsity", self.max_sparsity, "a value in (0, 1)")
+        check_field(self.nystrom_ridge >= 0 and self.vo_ridge >= 0, name, "ridge", (self.nystrom_ridge, self.vo_ridge),
+                    "non-negative ridges")
+        if self.target_modules is not None or self.exclude_modules:
+            raise ConfigError("ModeGPTConfig.target_modules/exclude_modules are not used: MoDeGPT compresses whole "
+                              "modules of every block; choose them with `modules=('mlp', 'qk', 'vo')`")
+
+
+# ----------------------------------------------------------------------------------------- layers
+class ScatterOutputLinear(nn.Module):
+    """Computes only the kept output rows of a linear and puts them at `index` in a zero vector of `out_full`."""
+
+    def __init__(self, in_features: int, index: torch.Tensor, out_full: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_full = int(in_features), int(out_full)
+        self.register_buffer("index", index.long().clone())
+        self.weight = nn.Parameter(torch.zeros(len(index), self.in_features))
+        self.bias = nn.Parameter(torch.zeros(len(index))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = F.linear(x, self.weight, self.bias)
+        return kept.new_zeros(*kept.shape[:-1], self.out_full).index_copy(-1, self.index, kept)
+
+    def spec(self) -> dict:
+        return {"in": self.in_features, "kept": int(self.index.numel()), "out_full": self.out_full,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ScatterOutputLinear":
+        return cls(spec["in"], torch.zeros(spec["kept"], dtype=torch.long), spec["out_full"], spec["bias"])
+
+
+class GatherInputLinear(nn.Module):
+    """A linear that reads only the input features at `index` (the others are known to be zero)."""
+
+    def __init__(self, in_full: int, index: torch.Tensor, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_full, self.out_features = int(in_full), int(out_features)
+        self.register_buffer("index", index.long().clone())
+        self.weight = nn.Parameter(torch.zeros(self.out_features, len(index)))
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
+
+    def spec(self) -> dict:
+        return {"in_full": self.in_full, "kept": int(self.index.numel()), "out": self.out_features,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "GatherInputLinear":
+        return cls(spec["in_full"], torch.zeros(spec["kept"], dtype=torch.long), spec["out"], spec["bias"])
+
+
+register_module_kind("scatter_out", ScatterOutputLinear, ScatterOutputLinear.spec, ScatterOutputLinear.from_spec)
+register_module_kind("gather_in", GatherInputLinear, GatherInputLinear.spec, GatherInputLinear.from_spec)
+
+
+# -------------------------------------------------------------------------------------- the maths
+def nystrom_columns(corr: torch.Tensor, k: int, ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Type I: the `k` intermediate channels with the largest ridge leverage, and the least-squares refit.
+
+    `corr` = E[h hᵀ] (D x D) of the MLP's intermediate activations. Returns `(kept, refit)` with
+    `refit = C[S,S]^{-1} C[S,:]` (k x D), so the new down weight (math layout, k x d) is `refit @ Wd`.
+    Leverage `[C (C + lam I)^{-1}]_ii = 1 - lam [(C + lam I)^{-1}]_ii`, with lam = ridge * mean(diag C).
+    """
+    C = corr.to(torch.float64)
+    D = C.shape[0]
+    scale = C.diagonal().mean().clamp_min(1e-300)
+    inverse_diag = torch.linalg.inv(C + ridge * scale * torch.eye(D, dtype=C.dtype)).diagonal()
+    kept = torch.sort(torch.argsort(inverse_diag)[:k]).values  # smallest inverse diagonal = largest leverage
+    C_ss = C[kept][:, kept] + 1e-6 * scale * torch.eye(len(kept), dtype=C.dtype)
+    return kept, torch.linalg.solve(C_ss, C[kept])
+
+
+def cr_head_dims(q_diag: torch.Tensor, k_diag: torch.Tensor, group: int, k: int, rope: bool = True) -> list[torch.Tensor]:
+    """Type II: kept dims per KV head from CR scores `sqrt(Cq_ii * Ck_ii)`, summed over its query heads.
+
+    `q_diag`: [n_heads, hd] diagonals of the per-head query correlations, `k_diag`: [n_kv, hd].
+    With RoPE, dims i and i + hd/2 rotate together, so they are scored and kept as a pair.
+    """
+    n_kv, hd = k_diag.shape
+    q_grouped = q_diag.view(n_kv, group, hd).clamp_min(0)
+    kd = k_diag.clamp_min(0)[:, None, :]
+    kept = []
+    for j in range(n_kv):
+        if rope:
+            half = hd // 2
+            prod = q_grouped[j] * kd[j]
+            score = (prod[:, :half] + prod[:, half:]).sqrt().sum(0)
+            pairs = torch.sort(torch.argsort(score, descending=True)[: k // 2]).values
+            kept.append(torch.cat([pairs, pairs + half]))
+        else:
+            score = (q_grouped[j] * kd[j]).sqrt().sum(0)
+            kept.append(torch.sort(torch.argsort(score, descending=True)[:k]).values)
+    return kept
+
+
+def value_output_svd(corr: torch.Tensor, w_v: torch.Tensor, w_os: list[torch.Tensor], k: int,
+                     ridge: float = 1e-4) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Type III for one KV head: the rank-k module that best reproduces `x Wv Wo_h` for every query head h.
+
+    Math layout: `w_v` is d x hd (x @ w_v = values), each `w_os[h]` is hd x d. Returns
+    `(w_v' d x k, [w_o_h' k x d], singular values)`; the squared output error on the calibration rows
+    is the sum of the discarded squared singular values of `C^{1/2} Wv [Wo_h ...]`.
+    """
+    root, inverse_root = psd_sqrt_and_inverse_sqrt(corr, ridge)
+    projected = root @ w_v.to(torch.float64)  # d x hd
+    stacked = torch.cat([projected @ w_o.to(torch.float64) for w_o in w_os], dim=1)  # d x (g d)
+    U, S, _ = torch.linalg.svd(stacked, full_matrices=False)
+    U_k = U[:, :k]
+    new_v = inverse_root @ U_k
+    new_os = [U_k.T @ projected @ w_o.to(torch.float64) for w_o in w_os]
+    return new_v, new_os, S
+
+
+def allocate_sparsity(scores: torch.Tensor, mean_sparsity: float, eps: float, max_sparsity: float = 0.8) -> torch.Tensor:
+    """phi = L * mean * softmax(-s / eps), clamped at `max_sparsity` with the excess redistributed.
+
+    Keeps `mean(phi) == mean_sparsity`; higher importance `s` gets lower sparsity.
+    """
+    cap = max(max_sparsity, mean_sparsity)
+    s = scores.to(torch.float64)
+    phi = len(s) * mean_sparsity * torch.softmax(-s / eps, dim=0)
+    for _ in range(len(s)):
+        over = phi > cap
+        if not over.any():
+            break
+        excess = float((phi[over] - cap).sum())
+        phi[over] = cap
+        free = phi < cap
+        if not free.any():
+            break
+        phi[free] += excess * phi[free] / phi[free].sum()
+    return phi
+
+
+# ------------------------------------------------------------------------------------ the driver
+def _llama_parts(block: nn.Module):
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    needed = ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("up_proj", "down_proj")))
+    for module, names in needed:
+        if module is None or not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+            raise TargetError(f"MoDeGPT supports Llama-style blocks (self_attn.q/k/v/o_proj, mlp.up/down_proj as "
+                              f"nn.Linear); {type(block).__name__} is not one (already compressed?)")
+    return attn, mlp
+
+
+def block_influence(model: nn.Module, batches: list) -> torch.Tensor:
+    """s_l = 1 - mean over tokens of cos(block input, block output), one pass over the original model."""
+    blocks = find_blocks(model)[1]
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    scores = []
+    for block in blocks:
+        outs = run_block(block, inputs)
+        cos = [F.cosine_similarity(block_hidden(a, k).double(), o.double(), dim=-1).flatten()
+               for (a, k), o in zip(inputs, outs)]
+        scores.append(1 - float(torch.cat(cos).mean()))
+        inputs = [with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def _compress_mlp(mlp: nn.Module, corr: torch.Tensor, keep: float, ridge: float) -> None:
+    down = mlp.down_proj
+    k = max(1, math.floor(keep * down.in_features))
+    kept, refit = nystrom_columns(corr, k, ridge)
+    dtype = down.weight.dtype
+    for name in ("gate_proj", "up_proj"):
+        old = getattr(mlp, name, None)
+        if old is None:
+            continue
+        new = nn.Linear(old.in_features, k, bias=old.bias is not None).to(dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[kept])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[kept])
+        setattr(mlp, name, new)
+    new_down = nn.Linear(k, down.out_features, bias=down.bias is not None).to(dtype)
+    with torch.no_grad():
+        new_down.weight.copy_((down.weight.double() @ refit.T).to(dtype))
+        if down.bias is not None:
+            new_down.bias.copy_(down.bias)
+    mlp.down_proj = new_down
+
+
+def _head_diag(weight: torch.Tensor, bias: torch.Tensor | None, corr: torch.Tensor, mean: torch.Tensor,
+               hd: int) -> torch.Tensor:
+    """diag E[(W x + b)(W x + b)ᵀ] per head: [n_heads, hd]."""
+    W = weight.double()
+    diag = ((W @ corr) * W).sum(1)
+    if bias is not None:
+        b = bias.double()
+        diag = diag + 2 * b * (W @ mean) + b * b
+    return diag.view(-1, hd)
+
+
+def _scatter(linear: nn.Linear, rows: torch.Tensor) -> ScatterOutputLinear:
+    new = ScatterOutputLinear(linear.in_features, rows, linear.out_features, linear.bias is not None)
+    new = new.to(linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[rows])
+    return new.to(linear.weight.dtype)
+
+
+def _compress_qk(attn: nn.Module, corr: torch.Tensor, mean: torch.Tensor, keep: float) -> None:
+    hd = attn.head_dim
+    group = attn.q_proj.out_features // attn.k_proj.out_features
+    k = max(2, 2 * math.floor(keep * hd / 2))
+    q_diag = _head_diag(attn.q_proj.weight, attn.q_proj.bias, corr, mean, hd)
+    k_diag = _head_diag(attn.k_proj.weight, attn.k_proj.bias, corr, mean, hd)
+    kept = cr_head_dims(q_diag, k_diag, group, k, rope=True)
+    k_rows = torch.cat([j * hd + dims for j, dims in enumerate(kept)])
+    q_rows = torch.cat([h * hd + kept[h // group] for h in range(len(kept) * group)])
+    attn.q_proj = _scatter(attn.q_proj, q_rows)
+    attn.k_proj = _scatter(attn.k_proj, k_rows)
+
+
+def _compress_vo(attn: nn.Module, corr: torch.Tensor, keep: float, ridge: float) -> None:
+    hd = attn.head_dim
+    v, o = attn.v_proj, attn.o_proj
+    n_kv, n_heads = v.out_features // hd, o.in_features // hd
+    group = n_heads // n_kv
+    k = max(1, math.floor(keep * hd))
+    dtype = v.weight.dtype
+    new_v_rows, new_o_cols = [], []
+    o_bias = o.bias.detach().double().clone() if o.bias is not None else torch.zeros(o.out_features, dtype=torch.float64)
+    for j in range(n_kv):
+        w_v = v.weight[j * hd:(j + 1) * hd].T.detach()
+        heads = range(j * group, (j + 1) * group)
+        w_os = [o.weight[:, h * hd:(h + 1) * hd].T.detach() for h in heads]
+        if v.bias is not None:  # attention rows sum to 1, so a value bias reaches o_proj as a constant
+            for w_o in w_os:
+                o_bias += v.bias[j * hd:(j + 1) * hd].double() @ w_o.double()
+        new_v, new_os, _ = value_output_svd(corr, w_v, w_os, k, ridge)
+        new_v_rows.append(new_v.T)
+        new_o_cols.extend(w.T for w in new_os)
+    v_index = torch.cat([j * hd + torch.arange(k) for j in range(n_kv)])
+    o_index = torch.cat([h * hd + torch.arange(k) for h in range(n_heads)])
+    has_bias = o.bias is not None or v.bias is not None
+    new_v_layer = ScatterOutputLinear(v.in_features, v_index, v.out_features, bias=False).to(dtype)
+    new_o_layer = GatherInputLinear(o.in_features, o_index, o.out_features, bias=has_bias).to(dtype)
+    with torch.no_grad():
+        new_v_layer.weight.copy_(torch.cat(new_v_rows).to(dtype))
+        new_o_layer.weight.copy_(torch.cat(new_o_cols, dim=1).to(dtype))
+        if has_bias:
+            new_o_layer.bias.copy_(o_bias.to(dtype))
+    attn.v_proj, attn.o_proj = new_v_layer.to(dtype), new_o_layer.to(dtype)
+
+
+def compress(model: nn.Module, config: ModeGPTConfig, calibration) -> tuple[nn.Module, CompressionReport]:
+    """Compress every block of a Llama-style model in place with MoDeGPT (needs calibration batches)."""
+    batches = check_calibration(model, calibration)
+    found = find_blocks(model)
+    if found is None:
+        raise TargetError(f"{type(model).__name__} has no transformer blocks: MoDeGPT needs Llama-style blocks")
+    prefix, blocks = found
+    for block in blocks:
+        _llama_parts(block)
+    names = [f"{prefix}.{i}.{part}" for i in range(len(blocks)) for part in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if _has(model, f"{prefix}.{i}.{part}")]
+    builder = ReportBuilder("modegpt", model, config, names)
+    mean_sparsity = 1.0 - config.ratio
+    if config.allocation == "global" and mean_sparsity > 0:
+        scores = block_influence(model, batches)
+        phis = allocate_sparsity(scores, mean_sparsity, config.eps, config.max_sparsity)
+        builder.report.extra["block_influence"] = scores.tolist()
+    else:
+        phis = torch.full((len(blocks),), mean_sparsity, dtype=torch.float64)
+    builder.report.extra["layer_sparsity"] = phis.tolist()
+    for index, block, inputs in blockwise(model, batches, "modegpt: blocks"):
+        keep = 1.0 - float(phis[index])
+        attn, mlp = _llama_parts(block)
+        stats, remove = moment_hooks({"attn": attn.q_proj, "mlp": mlp.down_proj}, side="input")
+        try:
+            run_block(block, inputs)
+        finally:
+            remove()
+        if "mlp" in config.modules:
+            _compress_mlp(mlp, stats["mlp"].correlation(), keep, config.nystrom_ridge)
+        if "qk" in config.modules:
+            _compress_qk(attn, stats["attn"].correlation(), stats["attn"].mean(), keep)
+        if "vo" in config.modules:
+            _compress_vo(attn, stats["attn"].correlation(), keep, config.vo_ridge)
+        builder.report.layers[f"{prefix}.{index}"] = {"sparsity": float(phis[index])}
+    return model, builder.finish()
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        get_module(model, name)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,155 @@
+"""Spec checks for Atomic Feature Mimicking (methods-compress-pretrain.md section 10)."""
+import copy
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+from _compress_models import tiny_llama, token_batches
+from rankwise.compress import LowRankLinear, compress, load_compressed, save_compressed
+from rankwise.compress.afm import AFMConfig, LowRankEmbedding, afm_linear
+from rankwise.core.errors import ConfigError, TargetError
+from rankwise.linalg import SecondMoments
+
+
+def low_dim_inputs(n=5000, d=128, intrinsic=16, noise=0.05, seed=0):
+    """Inputs near a 16-dim affine subspace: the features are low-rank, the (random) weights are not."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(intrinsic, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, intrinsic, generator=g, dtype=torch.float64) @ basis + 3.0 + noise * torch.randn(
+        n, d, generator=g, dtype=torch.float64)
+
+
+def fitted(linear, X, rank):
+    stats = SecondMoments(linear.out_features)
+    with torch.no_grad():
+        stats.update(linear(X))
+    return afm_linear(linear, stats, rank), stats
+
+
+def test_afm_error_is_discarded_eigenvalues_and_crushes_weight_svd():
+    X = low_dim_inputs()
+    linear = nn.Linear(128, 128).double()
+    Y = linear(X).detach()
+    for rank in (8, 16):
+        layer, stats = fitted(linear, X, rank)
+        err = ((layer(X) - Y) ** 2).sum(1).mean()
+        eig = torch.linalg.eigvalsh(stats.covariance()).flip(0)
+        torch.testing.assert_close(err.detach(), eig[rank:].sum(), rtol=1e-6, atol=1e-9)
+    U, S, Vh = torch.linalg.svd(linear.weight.detach())
+    svd_err = (((X @ (U[:, :16] * S[:16] @ Vh[:16]).T + linear.bias - Y) ** 2).sum(1).mean())
+    layer16, _ = fitted(linear, X, 16)
+    assert ((layer16(X) - Y) ** 2).sum(1).mean() < 1e-3 * svd_err
+
+
+def test_exact_at_full_rank_and_mean_reproduced():
+    X = low_dim_inputs(n=800, d=24, intrinsic=4)
+    linear = nn.Linear(24, 10).double()
+    Y = linear(X).detach()
+    full, _ = fitted(linear, X, 10)
+    torch.testing.assert_close(full(X), Y, rtol=1e-8, atol=1e-8)
+    low, _ = fitted(linear, X, 2)
+    torch.testing.assert_close(low(X).mean(0), Y.mean(0), rtol=1e-8, atol=1e-8)
+
+
+def test_embedding_uses_lookup_frequencies():
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 8)
+    # skewed lookups: ids 0..4 make up almost all traffic
+    ids = torch.cat([torch.randint(0, 5, (5000,)), torch.randint(5, 50, (50,))])
+    model = nn.Sequential(table)
+    cal = [ids]
+    compressed, report = compress(copy.deepcopy(model), "afm", cal, ratio=0.5, target_modules=["^0$"],
+                                  embedding_rank=3)
+    assert isinstance(compressed[0], LowRankEmbedding)
+    looked_up = table(ids).detach()
+    err = ((compressed(ids) - looked_up) ** 2).sum(1).mean()
+    stats = SecondMoments(8)
+    stats.update(looked_up)
+    eig = torch.linalg.eigvalsh(stats.covariance()).flip(0)
+    torch.testing.assert_close(err.double(), eig[3:].sum(), rtol=1e-3, atol=1e-6)
+    # a table-uniform PCA (ignoring the lookup frequencies) reconstructs the traffic worse
+    rows = table.weight.detach().double()
+    mu = rows.mean(0)
+    _, vecs = torch.linalg.eigh(torch.cov(rows.T, correction=0))
+    U = vecs[:, -3:]
+    uniform = (looked_up.double() - mu) @ U @ U.T + mu
+    assert err < ((uniform - looked_up) ** 2).sum(1).mean()
+
+
+def test_tiny_llama_blockwise_beats_svd_and_reloads():
+    cal = token_batches(6, seq=24)
+    ids = token_batches(1, seed=9)[0]
+    base = tiny_llama()
+    reference = base(ids).logits.detach()
+    afm_model, report = compress(copy.deepcopy(base), "afm", cal, ratio=0.5)
+    svd_model, _ = compress(copy.deepcopy(base), "svd", ratio=0.5)
+    assert report.compressed_ratio <= 0.5
+    assert all(isinstance(afm_model.get_submodule(n), LowRankLinear) for n in report.layers)
+    afm_err = (afm_model(ids).logits - reference).pow(2).mean()
+    svd_err = (svd_model(ids).logits - reference).pow(2).mean()
+    assert afm_err < svd_err
+    with tempfile.TemporaryDirectory() as out:
+        save_compressed(afm_model, out, method="afm")
+        torch.testing.assert_close(load_compressed(out)(ids).logits, afm_model(ids).logits)
+
+
+def test_ctr_model_round_trip_with_embeddings():
+    from rankwise.data.movielens import DeepFM
+
+    torch.manual_seed(0)
+    model = DeepFM([30, 40, 5], dim=8, hidden=(32, 16)).eval()
+    cal = [torch.stack([torch.randint(0, n, (256,)) for n in (30, 40, 5)], dim=1)]
+    model, report = compress(model, "afm", cal, ratio=0.5, target_modules=[r"^dnn\.\d$", r"^embeddings\.\d$"],
+                             embedding_rank=2)
+    assert isinstance(model.embeddings[0], LowRankEmbedding) and isinstance(model.dnn[0], LowRankLinear)
+    with tempfile.TemporaryDirectory() as out:
+        save_compressed(model, out, method="afm")
+        again = load_compressed(out, model=DeepFM([30, 40, 5], dim=8, hidden=(32, 16)))
+        torch.testing.assert_close(again(cal[0]), model(cal[0]))
+
+
+def test_bad_config():
+    with pytest.raises(ConfigError, match="embedding_rank"):
+        AFMConfig(embedding_rank=0)
+    with pytest.raises(ConfigError, match="activation"):
+        AFMConfig(activation="swish-ish")
+
+
+def test_ctr_embeddings_only_use_one_pass_not_blocks():
+    from rankwise.data.movielens import DeepFM
+
+    torch.manual_seed(0)
+    model = DeepFM([300, 400, 50], dim=8, hidden=(32, 16)).eval()
+    x = torch.stack([torch.randint(0, n, (512,)) for n in (300, 400, 50)], dim=1)
+    full, _ = compress(copy.deepcopy(model), "afm", [x], ratio=1.0, target_modules=[r"^embeddings\.\d$"],
+                       embedding_rank=6)
+    low, _ = compress(copy.deepcopy(model), "afm", [x], ratio=1.0, target_modules=[r"^embeddings\.\d$"],
+                      embedding_rank=2)
+    reference = model(x)
+    assert (full(x) - reference).abs().max() < (low(x) - reference).abs().max()
+    for f, table in enumerate(model.embeddings):
+        looked_up = table(x[:, f])
+        err = (low.embeddings[f](x[:, f]) - looked_up).pow(2).sum(1).mean()
+        stats = SecondMoments(8)
+        stats.update(looked_up)
+        eig = torch.linalg.eigvalsh(stats.covariance()).flip(0)
+        torch.testing.assert_close(err.double(), eig[2:].sum(), rtol=1e-3, atol=1e-6)
+    with pytest.raises(TargetError, match="embedding_rank"):
+        compress(copy.deepcopy(model), "afm", [x], target_modules=[r"^embeddings\.2$"], embedding_rank=7)
+
+
+def test_movielens_ctr_data_loads_offline():
+    import importlib.util
+
+    if importlib.util.find_spec("recbole") is None:
+        pytest.skip("MovieLens-100k ships in the recbole wheel: pip install --no-deps recbole==1.2.1")
+    from rankwise.data.movielens import FIELDS, load_movielens_ctr
+
+    data = load_movielens_ctr()
+    assert data.features.shape == (100_000, len(FIELDS))
+    assert data.field_sizes[:2] == [943, 1682]
+    assert 0.5 < float(data.labels.mean()) < 0.6  # rating >= 4
+    train, valid, test = data.split()
+    assert len(train.labels) + len(valid.labels) + len(test.labels) == 100_000
