@@ -118,3 +118,14 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor, i: int, j: int) -> f
     """
     overlap = U1[:, :i].T.double() @ U2[:, :j].double()
     return float((overlap**2).sum() / min(i, j))
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD `(U, S, Vh)` of the product `B @ A` (B: out x r, A: r x in) without forming it.
+
+    QR of both factors reduces it to an r x r core: O((out + in) r^2) instead of O(out in min(out, in)).
+    """
+    Q_B, R_B = torch.linalg.qr(B.double())
+    Q_A, R_A = torch.linalg.qr(A.double().T)
+    U_core, S, Vh_core = torch.linalg.svd(R_B @ R_A.T)
+    return Q_B @ U_core, S, Vh_core @ Q_A.T
