@@ -62,7 +62,7 @@ def run_sequence_demo(
             optimizer.step()
             schedule.step()
         if progress is not None:
-            progress(epoch + 1, float(loss))
+            progress(epoch + 1, loss.item())
     model.eval()
     with torch.no_grad():
         test_accuracy = float((model(x_test).argmax(-1) == y_test).float().mean())
