@@ -14,7 +14,7 @@ def double_layer(init, discretization, H=4, N=64):
     with torch.no_grad():  # random C and dt, as in the spec's check
         layer.kernel.C.copy_(torch.randn_like(layer.kernel.C))
         layer.kernel.log_dt.uniform_(math.log(1e-3), math.log(1e-1))
-    return layer
+    return layer.requires_grad_(False)
 
 
 @pytest.mark.parametrize("init", ["lin", "inv"])
