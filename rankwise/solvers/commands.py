@@ -33,7 +33,10 @@ def _open(path: Path):
             import scipy.io
 
             return scipy.io.mmread(str(path))
-        return np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix == ".npy" else None)
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False, mmap_mode="r")
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
     except (ValueError, OSError) as error:
         raise CheckpointError(f"{path} cannot be read ({error}): is it a valid {path.suffix} file?") from error
 
@@ -174,7 +177,7 @@ def eig_command(
 
     data = _open(file)
     if file.suffix == ".npz":
-        data = data["A"] if "A" in data else data[data.files[0]]
+        data = data["A"] if "A" in data else next(iter(data.values()))
     if data.ndim != 2:
         raise typer.BadParameter(f"{file} holds an array of shape {data.shape}: expected (n, d) rows.")
     n = data.shape[0]
