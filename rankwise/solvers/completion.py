@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -67,41 +69,65 @@ def _initial_left_factor(rows, cols, values, shape, rank, seed) -> torch.Tensor:
     return torch.linalg.qr(torch.from_numpy(np.ascontiguousarray(U))).Q
 
 
-def _exact_solve(basis_rows: torch.Tensor, groups: torch.Tensor, values, n_groups: int) -> torch.Tensor:
-    """Per group g: argmin_v ||basis_rows[groups==g] v - values[groups==g]|| via k x k normal equations."""
+class _Groups:
+    """Observations sorted by the factor being solved for (columns when solving V, rows when solving U).
+
+    Sorting once makes every per-group sum a CSR sparse x dense product: O(|Omega|) memory, no dense mask.
+    """
+
+    def __init__(self, groups: torch.Tensor, other: torch.Tensor, values: torch.Tensor, n_groups: int):
+        order = torch.argsort(groups, stable=True)
+        self.groups, self.other, self.values, self.n_groups = groups[order], other[order], values[order], n_groups
+        counts = torch.bincount(self.groups, minlength=n_groups)
+        crow = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR is beta": we only use CSR @ dense
+            self.summer = torch.sparse_csr_tensor(
+                crow, torch.arange(len(order)), torch.ones(len(order), dtype=torch.float64), size=(n_groups, len(order)),
+            )
+
+    def sum(self, per_observation: torch.Tensor) -> torch.Tensor:
+        """(|Omega|, c) -> (n_groups, c): the sum over each group's observations."""
+        return self.summer @ per_observation
+
+
+def _exact_solve(basis_rows: torch.Tensor, groups: _Groups) -> torch.Tensor:
+    """Per group g: argmin_v ||U_I v - b|| via the k x k normal equations (O(|Omega| k^2))."""
     k = basis_rows.shape[1]
-    gram = torch.zeros(n_groups, k * k, dtype=torch.float64)
-    for start in range(0, len(groups), _CHUNK):
+    gram = torch.zeros(groups.n_groups, k * k, dtype=torch.float64)
+    for start in range(0, len(groups.groups), _CHUNK):
         rows = basis_rows[start:start + _CHUNK]
-        gram.index_add_(0, groups[start:start + _CHUNK], (rows[:, :, None] * rows[:, None, :]).reshape(-1, k * k))
-    rhs = torch.zeros(n_groups, k, dtype=torch.float64).index_add_(0, groups, basis_rows * values[:, None])
-    gram = gram.reshape(n_groups, k, k)
-    # a group with fewer than k observations is under-determined: a tiny ridge picks the min-norm-like answer
+        gram.index_add_(0, groups.groups[start:start + _CHUNK], (rows[:, :, None] * rows[:, None, :]).reshape(-1, k * k))
+    rhs = groups.sum(basis_rows * groups.values[:, None])
+    gram = gram.reshape(-1, k, k)
+    # a group with fewer than k observations is under-determined: a tiny ridge keeps the solve defined
     ridge = 1e-12 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1.0)
     gram = gram + ridge[:, None, None] * torch.eye(k, dtype=torch.float64)
     return torch.cholesky_solve(rhs[:, :, None], torch.linalg.cholesky(gram))[:, :, 0]
 
 
 def _sketched_cg_solve(
-    basis_rows: torch.Tensor, groups: torch.Tensor, values, n_groups: int,
-    delta: float, sketch_size: int, max_cg: int, generator: torch.Generator,
+    basis_rows: torch.Tensor, groups: _Groups, delta: float, sketch_size: int, max_cg: int,
+    generator: torch.Generator, start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Same problems as `_exact_solve`, solved to relative normal-equation residual `delta`.
 
     Preconditioner: R from QR of a CountSketch S U_I (s rows per group: each observation is hashed
     to one of s buckets with a random sign). CG then runs on W^T W z = W^T b, W = U_I R^{-1}, whose
-    condition number is O(1) with high probability; x = R^{-1} z.
+    condition number is O(1) with high probability; x = R^{-1} z. It stops for a group when
+    ||W^T r|| <= delta ||W^T b||; `start` warm-starts from a previous solution.
     """
     k = basis_rows.shape[1]
-    bucket = torch.randint(sketch_size, (len(groups),), generator=generator)
-    sign = torch.randint(2, (len(groups),), generator=generator, dtype=torch.float64) * 2 - 1
+    n_groups = groups.n_groups
+    bucket = torch.randint(sketch_size, (len(groups.groups),), generator=generator)
+    sign = torch.randint(2, (len(groups.groups),), generator=generator, dtype=torch.float64) * 2 - 1
     sketch = torch.zeros(n_groups * sketch_size, k, dtype=torch.float64)
-    sketch.index_add_(0, groups * sketch_size + bucket, basis_rows * sign[:, None])
-    R = torch.linalg.qr(sketch.reshape(n_groups, sketch_size, k), mode="r")[1]
-    # groups with too few observations give a singular R: floor its diagonal (the solve stays defined)
-    diag = R.diagonal(dim1=1, dim2=2)
-    floor = 1e-8 * diag.abs().amax(-1, keepdim=True).clamp_min(1e-300)
-    R = R - torch.diag_embed(diag) + torch.diag_embed(torch.where(diag.abs() < floor, floor, diag))
+    sketch.index_add_(0, groups.groups * sketch_size + bucket, basis_rows * sign[:, None])
+    # a tiny ridge (1e-12 of the group's energy) keeps groups with fewer than k observations well posed;
+    # it enters the preconditioner as k extra sketch rows sqrt(ridge) I
+    ridge = 1e-12 * groups.sum((basis_rows * basis_rows).sum(1, keepdim=True))[:, 0].clamp_min(1e-300)
+    eye = torch.eye(k, dtype=torch.float64).expand(n_groups, k, k) * ridge.sqrt()[:, None, None]
+    R = torch.linalg.qr(torch.cat([sketch.reshape(n_groups, sketch_size, k), eye], dim=1), mode="r")[1]
 
     def r_inv(z):  # R^{-1} z, batched
         return torch.linalg.solve_triangular(R, z[:, :, None], upper=True)[:, :, 0]
@@ -109,18 +135,19 @@ def _sketched_cg_solve(
     def r_inv_t(z):  # R^{-T} z
         return torch.linalg.solve_triangular(R.transpose(1, 2), z[:, :, None], upper=False)[:, :, 0]
 
-    def design_t(r_obs):  # U_I^T r, per group
-        return torch.zeros(n_groups, k, dtype=torch.float64).index_add_(0, groups, basis_rows * r_obs[:, None])
-
     def normal_op(z):  # W^T W z
         x = r_inv(z)
-        return r_inv_t(design_t((basis_rows * x[groups]).sum(1)))
+        return r_inv_t(groups.sum(basis_rows * (basis_rows * x[groups.groups]).sum(1, keepdim=True)) + ridge[:, None] * x)
 
-    z = torch.zeros(n_groups, k, dtype=torch.float64)
-    residual = r_inv_t(design_t(values))  # W^T b - W^T W 0
+    rhs = r_inv_t(groups.sum(basis_rows * groups.values[:, None]))  # W^T b
+    stop = (delta**2) * (rhs * rhs).sum(1)
+    if start is None:
+        z, residual = torch.zeros_like(rhs), rhs
+    else:
+        z = (R @ start[:, :, None])[:, :, 0]
+        residual = rhs - normal_op(z)
     direction = residual.clone()
     rho = (residual * residual).sum(1)
-    stop = (delta**2) * rho
     steps = 0
     for steps in range(1, max_cg + 1):
         active = rho > stop
@@ -156,6 +183,7 @@ def altmin_completion(
     delta: float = 1e-10,
     sketch_size: int | None = None,
     max_cg: int = 60,
+    warm_start: bool = True,
     tol: float = 0.0,
     seed: int = 0,
     target: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -168,6 +196,8 @@ def altmin_completion(
             update) or "exact" (normal equations).
         sketch_size: CountSketch rows per column (default 2k).
         max_cg: cap on CG steps per half-sweep.
+        warm_start: start each CG from the current model written in the new basis (few steps once
+            the iterates settle); False starts from zero as in the paper's analysis.
         tol: stop when the tracked relative error (against `target` if given, else on the observed
             entries) is <= tol.
         target: optional ground truth, dense (m x n) or factors (U*, V*), to record `rel_err`.
@@ -197,23 +227,29 @@ def altmin_completion(
         history["rel_err"] = []
     cg_steps = 0
 
-    def solve(basis, index_basis, index_group, n_groups):
+    by_column = _Groups(cols, rows, values, n)  # solving V: one problem per column
+    by_row = _Groups(rows, cols, values, m)
+
+    def solve(basis, groups, start):
         nonlocal cg_steps
-        basis_rows = basis[index_basis]
+        basis_rows = basis[groups.other]
         if solver == "exact":
-            return _exact_solve(basis_rows, index_group, values, n_groups)
+            return _exact_solve(basis_rows, groups)
         solution, steps = _sketched_cg_solve(
-            basis_rows, index_group, values, n_groups, delta, sketch_size, max_cg, generator
+            basis_rows, groups, delta, sketch_size, max_cg, generator, start if warm_start else None
         )
         cg_steps += steps
         return solution
 
     t = 0
+    V_hat = None
     with Stopwatch() as clock:
         U = _initial_left_factor(rows, cols, values, shape, rank, seed)
         for t in range(1, iterations + 1):
-            V = torch.linalg.qr(solve(U, rows, cols, n)).Q
-            U_hat = solve(V, cols, rows, m)
+            # warm start: the current model U_hat V^T = U (R_U V^T) written in the new basis U
+            V_hat = solve(U, by_column, None if V_hat is None else V @ R_U.T)
+            V, R_V = torch.linalg.qr(V_hat)
+            U_hat = solve(V, by_row, U @ R_V.T)
             observed = (U_hat[rows] * V[cols]).sum(1) - values
             history["observed_rel_err"].append(float(torch.linalg.norm(observed)) / max(values_norm, 1e-300))
             if target is not None:
@@ -228,9 +264,9 @@ def altmin_completion(
             tracked = history["rel_err" if target is not None else "observed_rel_err"][-1]
             if tracked <= tol:
                 break
-            U = torch.linalg.qr(U_hat).Q
+            U, R_U = torch.linalg.qr(U_hat)
     solution = U_hat @ V.T if m * n <= _DENSE_SOLUTION_LIMIT else None
     return SolverResult(
         solution=solution, factors=(U_hat, V), history=history, iterations=t, seconds=clock.seconds,
-        info={"cg_steps": cg_steps, "observations": len(values), "solver": solver},
+        info={"cg_steps": cg_steps, "observations": len(values), "solver": solver, "warm_start": warm_start},
     )
