@@ -78,3 +78,14 @@ def test_bad_inputs(problem):
         altmin_completion(rows, cols[:-1], values, (400, 400), 2)
     with pytest.raises(ConfigError, match="solver"):
         altmin_completion(rows, cols, values, (400, 400), 2, solver="magic")
+
+
+def test_a_row_without_observations_stays_finite():
+    rows, cols, values, (U, V) = completion_problem(m=120, n=100, k=3, p=0.4, seed=3)
+    keep = rows != 5  # row 5 is never observed: unrecoverable, but must not poison the rest
+    result = altmin_completion(rows[keep], cols[keep], values[keep], (120, 100), 3, iterations=30)
+    U_hat, V_hat = result.factors
+    assert torch.isfinite(U_hat).all() and torch.isfinite(V_hat).all()
+    others = torch.arange(120) != 5
+    rest = (U_hat @ V_hat.T)[others]
+    assert float(torch.linalg.norm(rest - (U @ V.T)[others]) / torch.linalg.norm((U @ V.T)[others])) < 1e-6
