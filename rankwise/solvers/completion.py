@@ -184,6 +184,7 @@ def altmin_completion(
     sketch_size: int | None = None,
     max_cg: int = 60,
     warm_start: bool = True,
+    forcing: float = 0.0,
     tol: float = 0.0,
     seed: int = 0,
     target: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -198,6 +199,8 @@ def altmin_completion(
         max_cg: cap on CG steps per half-sweep.
         warm_start: start each CG from the current model written in the new basis (few steps once
             the iterates settle); False starts from zero as in the paper's analysis.
+        forcing: > 0 solves each sweep only to max(delta, forcing * current observed error) (an
+            inexact-Newton forcing term: accuracy where it matters, few CG steps early on).
         tol: stop when the tracked relative error (against `target` if given, else on the observed
             entries) is <= tol.
         target: optional ground truth, dense (m x n) or factors (U*, V*), to record `rel_err`.
@@ -232,11 +235,13 @@ def altmin_completion(
 
     def solve(basis, groups, start):
         nonlocal cg_steps
+        observed = history["observed_rel_err"]
+        tolerance = max(delta, forcing * observed[-1]) if forcing > 0 and observed else delta
         basis_rows = basis[groups.other]
         if solver == "exact":
             return _exact_solve(basis_rows, groups)
         solution, steps = _sketched_cg_solve(
-            basis_rows, groups, delta, sketch_size, max_cg, generator, start if warm_start else None
+            basis_rows, groups, tolerance, sketch_size, max_cg, generator, start if warm_start else None
         )
         cg_steps += steps
         return solution
