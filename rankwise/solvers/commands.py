@@ -175,7 +175,7 @@ def eig_command(
     """Top eigenvector of A^T A in one random-order pass over the rows (arXiv 2412.11963)."""
     from rankwise.solvers.streaming_eig import streaming_top_eigenvector
 
-    data = _open(file)
+    data = _run("reading", _open, file)
     if file.suffix == ".npz":
         data = data["A"] if "A" in data else next(iter(data.values()))
     if data.ndim != 2:

@@ -217,8 +217,7 @@ def altmin_completion(
         raise ConfigError(f"solver={solver!r} is invalid: expected 'sketch' or 'exact'.")
     require_positive("delta", delta, 1.0, inclusive_upper=False)
     sketch_size = 2 * rank if sketch_size is None else sketch_size
-    require_rank("sketch_size", sketch_size, 1 << 30, "any sensible size")
-    if sketch_size < rank:
+    if not isinstance(sketch_size, int) or sketch_size < rank:
         raise ConfigError(f"sketch_size={sketch_size} is smaller than rank={rank}: use at least rank (2*rank is typical).")
     if isinstance(target, torch.Tensor) and tuple(target.shape) != (m, n):
         raise ShapeError(f"target has shape {tuple(target.shape)}, expected {(m, n)}.")

@@ -18,12 +18,13 @@ from rankwise.core.errors import ConfigError, ShapeError
 class SolverResult:
     """Solution plus how it got there.
 
-    `solution` is the recovered matrix or vector (dense) unless a solver says otherwise;
+    `solution` is the recovered matrix or vector (dense); None when a solver says it would be too
+    large to form (completion of big matrices: use `factors`);
     `factors` holds the factors it was built from (e.g. `(U,)`, `(F, G)`, `(U, V)`);
     `history` maps a metric name ("loss", "rel_err", ...) to one float per iteration.
     """
 
-    solution: torch.Tensor
+    solution: torch.Tensor | None
     factors: tuple[torch.Tensor, ...] = ()
     history: dict[str, list[float]] = field(default_factory=dict)
     iterations: int = 0

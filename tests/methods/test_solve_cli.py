@@ -78,3 +78,12 @@ def test_eig_streams_rows_from_disk(tmp_path):
     assert result.exit_code == 0, result.output
     top = np.linalg.eigh(A.T @ A)[1][:, -1]
     assert abs(float(np.load(out) @ top)) > 0.99
+
+
+def test_eig_bad_files(tmp_path):
+    np.save(tmp_path / "vector.npy", np.zeros(5))
+    result = runner.invoke(app, ["solve", "eig", str(tmp_path / "vector.npy")])
+    assert result.exit_code == 2 and "(n, d)" in result.output
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    result = runner.invoke(app, ["solve", "eig", str(tmp_path / "junk.npy")])
+    assert result.exit_code == 2 and "cannot be read" in result.output
