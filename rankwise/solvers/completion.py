@@ -34,7 +34,7 @@ from rankwise.linalg import seeded_generator
 from rankwise.solvers.result import SolverResult, Stopwatch, require_finite, require_positive, require_rank
 
 _DENSE_SOLUTION_LIMIT = 4_000_000  # entries; above this only the factors are returned
-_CHUNK = 1 << 18  # observations per chunk when forming k x k outer products (exact solver)
+_CHUNK = 1 << 14  # observations per chunk when forming k x k outer products (exact solver): bounds its memory
 
 
 def _check_observations(rows, cols, values, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
