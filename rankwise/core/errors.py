@@ -33,3 +33,7 @@ def check_field(condition: bool, config_name: str, field: str, value, allowed: s
     """Raise `ConfigError` naming the field, its bad value and what is allowed, unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{config_name}.{field}={value!r} is invalid: expected {allowed}.")
+
+
+class MergeError(RankwiseError, ValueError):
+    """Merging an adapter would put non-finite values into the base weight (raised by safe merge)."""

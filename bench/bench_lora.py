@@ -1,0 +1,113 @@
+"""Train-step time and peak memory: rankwise LoRA vs PEFT LoRA vs full fine-tuning vs the frozen floor.
+
+Model: a MiniLM-size BERT encoder (hidden 384, 6 layers, FFN 1536; all-MiniLM-L6-v2's shapes, built from
+its config so no download is needed), batch 16 x 128 tokens, 2 threads. LoRA r=8 on query, key, value, dense.
+The floor is the frozen model with gradients flowing through every layer (inputs_embeds requires grad):
+every millisecond above it is adapter overhead.
+
+    python bench/bench_lora.py            # prints a table, writes bench/results/lora_step.json
+"""
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+
+_HERE = __import__("pathlib").Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # run from a checkout without installing
+from common import interleaved_medians, machine, peak_rss_in_subprocess, peak_rss_mb, write_json  # noqa: E402
+
+TARGETS = ["query", "key", "value", "dense"]
+BATCH, SEQ, RANK = 16, 128, 8
+CONTENDERS = ("floor", "rankwise_lora", "peft_lora", "full_finetune")
+
+
+def build_base():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                     max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return BertModel(cfg).eval()
+
+
+def make_step(name: str, base):
+    """A closure doing one training step of contender `name` and the number of trainable parameters."""
+    model = copy.deepcopy(base)
+    ids = torch.randint(0, 30522, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    if name == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = []
+    elif name == "full_finetune":
+        params = list(model.parameters())
+    elif name == "rankwise_lora":
+        import rankwise
+
+        model = rankwise.adapt(model, rankwise.LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS))
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif name == "peft_lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        raise ValueError(name)
+    embeddings = base.get_input_embeddings()
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        # Same input path for everyone; only the floor needs the embedding gradient to force backward through all layers.
+        embeds = embeddings(ids).detach().requires_grad_(name == "floor")
+        out = model(inputs_embeds=embeds).last_hidden_state
+        out.float().pow(2).mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory":  # child process: one contender, print peak RSS
+        step, _ = make_step(sys.argv[2], build_base())
+        for _ in range(2):
+            step()
+        print(peak_rss_mb())
+        return
+    base = build_base()
+    steps, trainable = {}, {}
+    for name in CONTENDERS:
+        steps[name], trainable[name] = make_step(name, base)
+    timing = interleaved_medians(steps, warmup=2, rounds=10)
+    memory = {name: peak_rss_in_subprocess(__file__, "--memory", name) for name in CONTENDERS}
+    floor = timing["floor"]["median_s"]
+    rows = {
+        name: {
+            "step_ms": 1000 * timing[name]["median_s"],
+            "ratio_to_floor": timing[name]["median_s"] / floor,
+            "peak_rss_mb": memory[name],
+            "trainable_params": trainable[name],
+        }
+        for name in CONTENDERS
+    }
+    rows["rankwise_lora"]["ratio_to_peft"] = timing["rankwise_lora"]["median_s"] / timing["peft_lora"]["median_s"]
+    payload = {"benchmark": "lora_train_step", "batch": BATCH, "seq": SEQ, "rank": RANK, "targets": TARGETS,
+               "machine": machine(), "results": rows}
+    path = write_json("lora_step", payload)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"train step, MiniLM-size encoder, B={BATCH} T={SEQ}, LoRA r={RANK} on {','.join(TARGETS)}")
+    for col in ("contender", "step ms", "x floor", "peak RSS MB", "trainable"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, f"{r['step_ms']:.0f}", f"{r['ratio_to_floor']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{r['trainable_params']:,}")
+    Console().print(table)
+    print(f"rankwise/PEFT step-time ratio: {rows['rankwise_lora']['ratio_to_peft']:.3f}; JSON: {path}")
+
+
+if __name__ == "__main__":
+    main()

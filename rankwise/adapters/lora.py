@@ -1,0 +1,163 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv 2106.09685), with rsLoRA scaling
+(Kalajdzievski, 2023, arXiv 2312.03732) and PiSSA initialisation (Meng et al., 2024, arXiv 2404.02948).
+
+    x ──┬──────────── W (frozen, out x in) ─────────────┐
+        └─ dropout ── A (r x in) ── B (out x r) ── * s ──┴─(+)── y        s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+    delta_weight = s * B @ A            (conv: B[:, :, 0, 0] @ A.flatten(1), reshaped to the kernel;
+                                          embedding: s * B @ A with A: r x num_embeddings, B: dim x r)
+
+Files are PEFT's: `lora_A.weight` / `lora_B.weight` (`lora_embedding_A` / `lora_embedding_B`),
+`peft_type = "LORA"`, PEFT field names (`r`, `lora_alpha`, ...), so PEFT and rankwise read each other's files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankwise.core.adapter import Adapter
+from rankwise.core.config import AdapterConfig, resolve_pattern
+from rankwise.core.errors import ConfigError
+from rankwise.core.registry import register
+from rankwise.linalg import truncated_svd
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+
+
+class LoraAdapter(Adapter):
+    def __init__(self, config: "LoraConfig", layer, module_name: str, shared=None):
+        super().__init__(config, layer, module_name, shared)
+        self.kind = layer.kind
+        r = int(resolve_pattern(config.rank_pattern, module_name, config.r))
+        alpha = float(resolve_pattern(config.alpha_pattern, module_name, config.lora_alpha))
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        weight = layer.weight_matrix()
+        if layer.kind == "conv":
+            self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:]))
+            self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, *([1] * (weight.dim() - 2))))
+        else:  # linear and embedding: A is r x in, B is out x r in canonical layout
+            self.lora_A = nn.Parameter(torch.empty(r, weight.shape[1]))
+            self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r))
+        self.reset_parameters(config.init_lora_weights, layer)
+
+    @torch.no_grad()
+    def reset_parameters(self, init, layer) -> None:
+        if init == "pissa":
+            self._pissa_init(layer)
+        elif self.kind == "embedding":  # PEFT's embedding init: A = 0, B ~ N(0, 1)
+            nn.init.zeros_(self.lora_A) if init is not False else nn.init.normal_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        else:
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init is False:  # a random, non-identity adapter (tests, debugging)
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def _pissa_init(self, layer) -> None:
+        # The principal r-dim subspace becomes the adapter; the base keeps the residual, so the output is unchanged.
+        weight = layer.weight_matrix()
+        U, S, Vh = truncated_svd(weight.float().flatten(1), self.r)
+        root = (S / self.scaling).sqrt()
+        self.lora_A.copy_((root[:, None] * Vh).view_as(self.lora_A))
+        self.lora_B.copy_((U * root).view_as(self.lora_B))
+        residual = weight.float() - self.delta_weight(weight).view_as(weight)
+        layer.base_layer.weight.copy_(layer.to_native(residual).to(weight.dtype))
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1) * self.scaling
+        return delta.view(base_weight.shape) if self.kind == "conv" else delta
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        if self.kind == "linear":
+            # One fused multiply-add for the up-projection: out = base_out + s * (x A^T) B^T.
+            hidden = F.linear(self.dropout(x), self.lora_A)
+            flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, self.r), self.lora_B.T, alpha=self.scaling)
+            return flat.view(base_out.shape)
+        if self.kind == "embedding":
+            hidden = layer.apply_weight(x, self.lora_A)  # rows of A^T: (..., r)
+            return base_out + F.linear(hidden, self.lora_B) * self.scaling
+        hidden = layer.conv(self.dropout(x), self.lora_A)  # the base's stride/padding, r output channels
+        up = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[self.lora_B.dim()]
+        return base_out + up(hidden, self.lora_B) * self.scaling
+
+    def save_key(self, local_key: str) -> str:
+        if self.kind == "embedding":
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[local_key]
+        return f"{local_key}.weight"
+
+
+@register("lora", adapter=LoraAdapter, family="low-rank", paper="2106.09685", peft_type="LORA")
+@dataclasses.dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA. Field names and defaults follow PEFT's `LoraConfig`.
+
+    r: rank of the update (>= 1, at most min(out, in) of each adapted layer).
+    lora_alpha: scale numerator (> 0); the update is multiplied by lora_alpha / r.
+    lora_dropout: dropout on the adapter input, in [0, 1).
+    use_rslora: scale by lora_alpha / sqrt(r) instead (rank-stabilised LoRA).
+    init_lora_weights: True (A Kaiming, B = 0: starts as the base), "gaussian" (A ~ N(0, 1/r), B = 0),
+        "pissa" (principal singular subspace of W moved into A, B; the base keeps the residual),
+        False (random A and B: a non-zero update, for tests).
+    rank_pattern / alpha_pattern: per-module overrides, {module-name regex: value} (PEFT semantics).
+    fan_in_fan_out: kept for PEFT files only; rankwise reads the weight layout from the layer type (GPT-2 Conv1D).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    fan_in_fan_out: bool = False
+
+    supported_layers: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
+    peft_neutral_fields: ClassVar[dict] = {
+        "bias": "none", "layers_to_transform": None, "layers_pattern": None,
+        "use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
+        "trainable_token_indices": None, "megatron_config": None, "megatron_core": "megatron.core",
+        "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+        "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
+        "monteclora_config": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+        "ensure_weight_tying": False,
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        self._check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", "an integer >= 1")
+        self._check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
+        self._check(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
+        self._check(isinstance(self.use_rslora, bool), "use_rslora", "True or False")
+        self._check(any(self.init_lora_weights is c or self.init_lora_weights == c and isinstance(c, str) for c in INIT_CHOICES),
+                    "init_lora_weights", "True, False, 'gaussian' or 'pissa'")
+        for field in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, field)
+            self._check(isinstance(value, dict) and all(isinstance(v, (int, float)) and v > 0 for v in value.values()),
+                        field, "a dict {module regex: positive number}")
+
+    def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
+        weight_shape = tuple(base_layer.weight.shape)
+        r = resolve_pattern(self.rank_pattern, module_name, self.r)
+        if kind == "conv":
+            limit = min(weight_shape[0], math.prod(weight_shape[1:]))
+            if base_layer.groups != 1:
+                raise ConfigError(f"LoRA on grouped convolution {module_name!r} is not supported; exclude it")
+        else:
+            limit = min(weight_shape[0], weight_shape[1])
+        if r > limit:
+            raise ConfigError(
+                f"LoraConfig.r={r} is too large for {module_name!r} (weight {tuple(weight_shape)}): "
+                f"the rank can be at most {limit}. Lower r, or exclude this module."
+            )

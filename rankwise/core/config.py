@@ -1,0 +1,188 @@
+"""`AdapterConfig`: the base of every method's config dataclass.
+
+A config validates every field in `__post_init__` (raising `ConfigError` that names the field,
+the bad value and the allowed range) and round-trips through `adapter_config.json`.
+
+Where PEFT has the method, the JSON is PEFT's: `peft_type` plus PEFT's field names, so PEFT reads
+the file. PEFT options rankwise does not implement are accepted on load only at their neutral
+value (`peft_neutral_fields`); any other value is an error, never silently dropped.
+Methods PEFT lacks are written with `peft_type = "RANKWISE_<NAME>"` so PEFT refuses them cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from typing import Any, ClassVar
+
+from rankwise.core.errors import ConfigError, check_field
+
+# Keys every PEFT config carries that say nothing about the adapter's maths.
+PEFT_BOOKKEEPING_KEYS = frozenset(
+    {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+)
+RANKWISE_KEYS = frozenset({"rankwise_method", "rankwise_version"})
+
+
+def matches_module(name: str, pattern: list[str] | str) -> bool:
+    """PEFT's matching rule: a list entry matches a full name or a `.`-suffix; a string is a full regex."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == key or name.endswith("." + key) for key in pattern)
+
+
+def resolve_pattern(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """Per-module override (PEFT `rank_pattern` semantics): the first key matching the name's end wins."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Fields shared by every adapter method.
+
+    target_modules: module names (exact or `.`-suffix), one regex string (full match), or "all-linear".
+        None uses the default for known transformers architectures.
+    exclude_modules: same forms; matching modules are never adapted.
+    modules_to_save: modules (e.g. a fresh classifier head) trained in full and saved with the adapter.
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    # Set by @register.
+    method_name: ClassVar[str] = ""
+    peft_type: ClassVar[str | None] = None
+    # Which base layer kinds the method can adapt: "linear" (nn.Linear, GPT-2 Conv1D), "conv", "embedding".
+    supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
+    # What the freshly initialised adapter does (checked by the generic test matrix):
+    #   "zero": delta_weight is exactly zero; "identity": output equals the base up to float error
+    #   (re-factorisations of W); "none": neither (the config docstring says why).
+    init_property: ClassVar[str] = "zero"
+    # Name of the field the CLI's `--rank` sets (None: the method has no rank).
+    rank_field: ClassVar[str | None] = "r"
+    # PEFT-only options with the value meaning "feature off"; written to the JSON so PEFT sees a full config.
+    peft_neutral_fields: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        self.validate()
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; subclasses extend this (call `super().validate()` first)."""
+        name = type(self).__name__
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(self, field)
+            ok = value is None or isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            )
+            check_field(ok, name, field, value, "None, a regex string, 'all-linear' or a list of module names")
+            if isinstance(value, str) and value != "all-linear":
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ConfigError(f"{name}.{field}={value!r} is not a valid regular expression: {err}") from None
+        ok = self.modules_to_save is None or (
+            isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
+        )
+        check_field(ok, name, "modules_to_save", self.modules_to_save, "None or a list of module names")
+
+    def _check(self, condition: bool, field: str, allowed: str) -> None:
+        check_field(condition, type(self).__name__, field, getattr(self, field), allowed)
+
+    def check_layer(self, module_name: str, base_layer, kind: str) -> None:
+        """Hook: raise `ConfigError` if the config cannot adapt this layer (e.g. rank larger than the layer).
+
+        `base_layer` is the unwrapped module (its `weight` is in native layout), `kind` its adapter kind.
+        """
+
+    # ---- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if self.peft_type:
+            return {"peft_type": self.peft_type, "task_type": None, **self.peft_neutral_fields, **fields}
+        from rankwise import __version__
+
+        return {
+            "peft_type": f"RANKWISE_{self.method_name.upper().replace('-', '_')}",
+            "rankwise_method": self.method_name,
+            "rankwise_version": __version__,
+            **fields,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "AdapterConfig":
+        """Build a config from its JSON dict. The dict may name its method; `cls` may be the base class.
+
+        Unknown keys (a file from a newer version) raise `ConfigError` naming them, unless
+        `strict=False`, which drops them with a warning.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"an adapter config must be a JSON object, got {type(data).__name__}")
+        target = cls
+        if cls is AdapterConfig or not cls.method_name:
+            target = method_of(data).config_cls
+        known = {f.name for f in dataclasses.fields(target)}
+        kwargs, unknown, unsupported = {}, [], []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in PEFT_BOOKKEEPING_KEYS or key in RANKWISE_KEYS:
+                continue
+            elif key in target.peft_neutral_fields:
+                if not _is_neutral(value, target.peft_neutral_fields[key]):
+                    unsupported.append(f"{key}={value!r}")
+            else:
+                unknown.append(key)
+        if unsupported:
+            raise ConfigError(
+                f"{target.__name__}: the file uses PEFT options rankwise does not implement: {', '.join(unsupported)}. "
+                "Re-save the adapter without them (or merge it in PEFT first)."
+            )
+        if unknown:
+            message = (
+                f"{target.__name__}: unknown config key(s) {sorted(unknown)} (written by a newer version?). "
+                "Upgrade rankwise, or load with strict=False to drop them."
+            )
+            if strict:
+                raise ConfigError(message)
+            warnings.warn(message + " Dropped.", stacklevel=2)
+        return target(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+def method_of(data: dict[str, Any]):
+    """The registered method a config dict belongs to (by `rankwise_method`, else PEFT's `peft_type`)."""
+    from rankwise.core.registry import get_method, list_methods, method_for_peft_type
+
+    if "rankwise_method" in data:
+        return get_method(str(data["rankwise_method"]))
+    peft_type = data.get("peft_type")
+    if peft_type is None:
+        raise ConfigError("adapter config has neither 'rankwise_method' nor 'peft_type': not an adapter config")
+    info = method_for_peft_type(str(peft_type))
+    if info is None:
+        peft_known = sorted(m.peft_type for m in list_methods() if m.peft_type)
+        raise ConfigError(f"peft_type={peft_type!r} is not supported by rankwise (PEFT types it reads: {peft_known})")
+    return info
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    return value
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    empty = (None, False, {}, [], "")
+    return value == neutral or (value in empty and neutral in empty)

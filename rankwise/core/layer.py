@@ -1,0 +1,166 @@
+"""`AdaptedLayer`: wraps one base layer and its named adapters.
+
+Implemented once for every method: active-adapter selection, enable/disable, merge/unmerge
+(safe merge checks finiteness), and per-sample routing.
+
+Canonical weight layout handed to adapters (`weight_matrix()`), "out x in" wherever there is a matrix:
+
+    kind        base layer                 canonical weight       native weight
+    linear      nn.Linear                  W            (out, in)  same
+    linear      transformers Conv1D        W.T          (out, in)  (in, out)
+    conv        nn.Conv1d/2d/3d            W (out, in/g, *k)       same
+    embedding   nn.Embedding               W.T  (dim, num_emb)     (num_emb, dim)
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankwise.core.errors import AdapterStateError, MergeError, TargetError
+
+try:  # GPT-2 style layers store weights as (in, out)
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep core importable without it
+    _HFConv1D = None
+
+BASE_MODEL_SENTINEL = "__base__"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The adapter-facing kind of a base layer, or None if rankwise cannot wrap it."""
+    if isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D)):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise TargetError(f"cannot wrap {type(base_layer).__name__}: supported are Linear, Conv1D, Conv1d/2d/3d, Embedding")
+        self.base_layer = base_layer
+        self.kind = kind
+        self.transposed = _HFConv1D is not None and isinstance(base_layer, _HFConv1D)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.routing: list[str] | None = None  # per-sample adapter names, set by the model for one call
+
+    # ---- geometry -----------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def in_features(self) -> int:
+        w = self.weight_matrix()
+        return w.shape[1] if self.kind != "conv" else w[0].numel()
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_matrix().shape[0]
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The base weight in canonical layout (a view, no copy)."""
+        w = self.base_layer.weight
+        if self.transposed or self.kind == "embedding":
+            return w.T
+        return w
+
+    def to_native(self, canonical: torch.Tensor) -> torch.Tensor:
+        if self.transposed or self.kind == "embedding":
+            return canonical.T
+        return canonical
+
+    def apply_weight(self, x: torch.Tensor, canonical_weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation with another weight and no bias (x is already in the right dtype)."""
+        if self.kind == "linear":
+            return F.linear(x, canonical_weight)
+        if self.kind == "embedding":
+            b = self.base_layer
+            return F.embedding(x, canonical_weight.T, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+        return self.conv(x, canonical_weight)
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+        """The base conv's operation (stride, padding, dilation) with another kernel."""
+        b = self.base_layer
+        if b.padding_mode != "zeros":
+            raise TargetError(f"conv padding_mode={b.padding_mode!r} is not supported by adapters (use 'zeros')")
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+        return conv(x, weight, None, b.stride, b.padding, b.dilation, b.groups if groups is None else groups)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters and name in self.adapters:
+                out = self._run_adapter(self.adapters[name], x, out)
+        return out
+
+    def _run_adapter(self, adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        # Adapters keep their own (usually fp32) dtype on a half-precision base, as PEFT's autocast does.
+        dtype = adapter.compute_dtype
+        x_in = x.to(dtype) if x.is_floating_point() else x
+        return adapter(x_in, base_out.to(dtype), self).to(base_out.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self.routing
+        if self.merged_adapters:
+            raise AdapterStateError("per-sample adapter_names cannot be used while adapters are merged: unmerge first")
+        if len(names) != x.shape[0]:
+            raise AdapterStateError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples")
+        out = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(names):
+            if name == BASE_MODEL_SENTINEL or name not in self.adapters:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            routed = self._run_adapter(self.adapters[name], x.index_select(0, rows), out.index_select(0, rows))
+            out = out.index_copy(0, rows, routed)
+        return out
+
+    # ---- merge --------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for name in names:
+            if name not in self.adapters:
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged into {self.adapters[name].module_name}", stacklevel=3)
+                continue
+            weight = self.base_layer.weight
+            with torch.no_grad():
+                canonical = self.weight_matrix().float()
+                merged = self.to_native(self.adapters[name].merged_weight(canonical))
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise MergeError(
+                        f"merging adapter {name!r} into {self.adapters[name].module_name} gives non-finite weights; "
+                        "the base weight was left unchanged"
+                    )
+                weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                canonical = self.weight_matrix().float()
+                weight.copy_(self.to_native(self.adapters[name].unmerged_weight(canonical)).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, adapters={list(self.adapters)}, active={self.active_adapters}, merged={self.merged_adapters}"

