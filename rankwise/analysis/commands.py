@@ -31,16 +31,18 @@ def analyze_command(
     adapter_dir: Path = typer.Argument(..., help="adapter directory (adapter_config.json + adapter_model.safetensors)"),
     compare: Path = typer.Option(None, help="a second adapter directory: subspace similarity per shared layer"),
     rank: int = typer.Option(8, help="largest i, j in the similarity grid phi(i, j)"),
+    base: Path = typer.Option(None, help="local model dir the adapter was trained on: needed for non-LoRA methods"),
+    num_labels: int = typer.Option(None, help="classifier labels of --base (default: from the saved head, else 2)"),
     out: Path = typer.Option(None, help="output directory (default ADAPTER_DIR/analysis)"),
 ):
     """Singular spectra, stable/effective/energy rank of every learned update; PNG plots + report.json."""
-    from rankwise.analysis.spectra import analyze_updates, read_lora_updates
+    from rankwise.analysis.spectra import adapter_updates, analyze_updates
 
     out = out or adapter_dir / "analysis"
     try:
         with console.status("analysing"):
-            updates = read_lora_updates(adapter_dir)
-            other = read_lora_updates(compare) if compare is not None else None
+            updates = adapter_updates(adapter_dir, base, num_labels)
+            other = adapter_updates(compare, base, num_labels) if compare is not None else None
             report = analyze_updates(updates, out, other, rank)
     except RankwiseError as error:
         _fail(error)

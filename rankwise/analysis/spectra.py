@@ -13,6 +13,7 @@ factored updates are analysed through `linalg.factored_svd` without forming the 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,8 @@ def read_lora_updates(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, 
         B = tensors[b_key]
         name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
         rank = A.shape[0]
-        pattern_key = next((k for k in config.get("rank_pattern", {}) if name.endswith(k)), None)
-        alpha_key = next((k for k in config.get("alpha_pattern", {}) if name.endswith(k)), None)
+        pattern_key = _pattern_key(config.get("rank_pattern", {}), name)
+        alpha_key = _pattern_key(config.get("alpha_pattern", {}), name)
         alpha = config["alpha_pattern"][alpha_key] if alpha_key else config.get("lora_alpha", config.get("r", rank))
         if pattern_key is not None and config["rank_pattern"][pattern_key] != rank:
             raise CheckpointError(f"{name}: rank_pattern says r={config['rank_pattern'][pattern_key]} but lora_A has {rank} rows.")
@@ -133,6 +134,54 @@ def read_lora_updates(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, 
     if not updates:
         raise CheckpointError(f"{weights_path} holds no lora_A/lora_B pairs: is it a LoRA-family adapter?")
     return updates
+
+
+def _pattern_key(pattern: dict, name: str) -> str | None:
+    """The rank_pattern/alpha_pattern key that applies to module `name` (PEFT's rule: the key, a regex,
+    matches the end of the dotted name)."""
+    return next((key for key in pattern if re.fullmatch(rf"(.*\.)?({key})", name)), None)
+
+
+def adapter_updates(adapter_dir: str | Path, base: str | Path | None = None, num_labels: int | None = None) -> dict[str, Update]:
+    """The learned update of every adapted layer of a saved adapter.
+
+    Without `base`: LoRA-layout files are read directly as factors (no base model needed).
+    With `base` (a local transformers directory, the model the adapter was trained on, loaded as a
+    sequence classifier like `rankwise finetune` does): `rankwise.load_adapter` rebuilds the adapted
+    model and each layer's `delta_weight` gives the dense update; this works for every registered method,
+    including those whose update depends on the base weights.
+    """
+    if base is None:
+        try:
+            return read_lora_updates(adapter_dir)
+        except CheckpointError as error:
+            if "no lora_A/lora_B pairs" in str(error):
+                raise CheckpointError(f"{error} For other methods pass --base MODEL_DIR (the model it was trained on).") from None
+            raise
+    import rankwise
+    from rankwise.data.models import load_classifier
+
+    if num_labels is None:
+        num_labels = _saved_num_labels(Path(adapter_dir) / "adapter_model.safetensors", Path(base))
+    model, _ = load_classifier(base, num_labels)
+    adapted = rankwise.load_adapter(model, adapter_dir)
+    return dict(adapted.delta_weights())
+
+
+def _saved_num_labels(weights_path: Path, base: Path) -> int:
+    """Rows of a classifier head saved with the adapter (modules_to_save), else the base's own label count, else 2."""
+    from safetensors import safe_open
+
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing: ADAPTER_DIR must hold adapter_model.safetensors.")
+    with safe_open(str(weights_path), framework="pt") as handle:
+        for key in handle.keys():
+            if "classifier" in key and key.endswith("weight") and len(handle.get_slice(key).get_shape()) == 2:
+                return handle.get_slice(key).get_shape()[0]
+    try:
+        return len(json.loads((base / "config.json").read_text()).get("id2label", {})) or 2
+    except (OSError, json.JSONDecodeError):
+        return 2
 
 
 def plot_spectra(spectra: list[Spectrum], path: str | Path, title: str = "singular spectra") -> Path:

@@ -127,3 +127,41 @@ def test_bad_adapter_dirs(tmp_path):
 
     result = CliRunner().invoke(app, ["analyze", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "adapter_config.json" in result.output
+
+
+def test_analyze_with_base_model_uses_load_adapter(tmp_path):
+    """`--base`: the adapter is rebuilt with rankwise.load_adapter and every layer's delta_weight is analysed."""
+    import rankwise
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rankwise.analysis.spectra import adapter_updates
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    model = rankwise.adapt(BertForSequenceClassification.from_pretrained(tmp_path / "base"),
+                           rankwise.LoraConfig(r=2, target_modules=["query", "value"]))
+    with torch.no_grad():  # a non-zero update, as after training
+        for name, parameter in model.named_parameters():
+            if "lora" in name.lower() and parameter.requires_grad:
+                parameter.normal_()
+    model.save_adapter(tmp_path / "adapter")
+    expected = model.delta_weights()
+    via_base = adapter_updates(tmp_path / "adapter", base=tmp_path / "base")
+    assert set(via_base) == set(expected)
+    for name, delta in via_base.items():
+        assert torch.allclose(delta, expected[name], atol=1e-6)
+    direct = adapter_updates(tmp_path / "adapter")  # LoRA files: read without the base
+    for name, (B, A) in direct.items():
+        match = next(key for key in expected if key.endswith(name) or name.endswith(key))
+        assert torch.allclose((B @ A).float(), expected[match], atol=1e-5)
+
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "adapter" / "analysis" / "report.json").read_text())
+    assert len(report["layers"]) == 2 and all(row["numerical_rank"] == 2 for row in report["layers"])
