@@ -291,3 +291,46 @@ def psd_sqrt_and_inverse_sqrt(symmetric: torch.Tensor, ridge: float = 0.0) -> tu
     values = values.clamp_min(torch.finfo(values.dtype).tiny)
     root = values.sqrt()
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
+
+def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
+    """||estimate - target||_F / ||target||_F (the error every solver and its tests report)."""
+    denominator = torch.linalg.norm(target)
+    return float(torch.linalg.norm(estimate - target) / denominator.clamp_min(torch.finfo(denominator.dtype).tiny))
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform along the last dim (length a power of 2).
+
+    Equals `x @ scipy.linalg.hadamard(n)` in O(n log n); differentiable (built from reshapes and adds).
+    """
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got {n}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        # pair entries h apart: (a, b) -> (a + b, a - b)
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2).reshape(*lead, n)
+        h *= 2
+    return x
+
+
+def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor, i: int, j: int) -> float:
+    """phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) in [0, 1] (Hu et al., LoRA, arXiv 2106.09685, sec. 7.2).
+
+    `U1`, `U2` have orthonormal columns ordered by importance (e.g. left singular vectors).
+    """
+    overlap = U1[:, :i].T.double() @ U2[:, :j].double()
+    return float((overlap**2).sum() / min(i, j))
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD `(U, S, Vh)` of the product `B @ A` (B: out x r, A: r x in) without forming it.
+
+    QR of both factors reduces it to an r x r core: O((out + in) r^2) instead of O(out in min(out, in)).
+    """
+    Q_B, R_B = torch.linalg.qr(B.double())
+    Q_A, R_A = torch.linalg.qr(A.double().T)
+    U_core, S, Vh_core = torch.linalg.svd(R_B @ R_A.T)
+    return Q_B @ U_core, S, Vh_core @ Q_A.T

@@ -1,0 +1,91 @@
+"""Spec checks for robust alternating-minimisation completion (arXiv 2302.11068), methods-theory.md 3(a)."""
+import pytest
+import torch
+
+from rankwise import ConfigError, ShapeError
+from rankwise.solvers.completion import altmin_completion, factor_relative_error
+
+
+def completion_problem(m=400, n=400, k=8, p=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(m, k, generator=g, dtype=torch.float64)
+    V = torch.randn(n, k, generator=g, dtype=torch.float64)
+    mask = torch.rand(m, n, generator=g) < p  # only to draw the sample; the solver sees index arrays
+    rows, cols = mask.nonzero(as_tuple=True)
+    values = (U[rows] * V[cols]).sum(1)
+    return rows, cols, values, (U, V)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return completion_problem()
+
+
+@pytest.mark.parametrize("delta", [1e-2, 1e-4, 1e-8])
+def test_inexact_solves_keep_convergence_with_a_floor_linear_in_delta(problem, delta):
+    rows, cols, values, truth = problem
+    result = altmin_completion(rows, cols, values, (400, 400), 8, iterations=20, delta=delta, target=truth)
+    assert result.history["rel_err"][-1] <= 10 * delta + 1e-9
+    assert result.info["cg_steps"] > 0
+
+
+def test_exact_least_squares_reaches_machine_precision(problem):
+    rows, cols, values, truth = problem
+    result = altmin_completion(rows, cols, values, (400, 400), 8, iterations=20, solver="exact", target=truth)
+    assert result.history["rel_err"][-1] < 1e-8
+
+
+@pytest.mark.parametrize("steps, floor", [(1, 0.5), (2, 0.3)])
+def test_a_fixed_tiny_number_of_cg_steps_stalls(problem, steps, floor):
+    """The spec's toy: 1 or 2 CG steps per solve, whatever delta, stall at 0.87 / 0.55."""
+    rows, cols, values, truth = problem
+    result = altmin_completion(
+        rows, cols, values, (400, 400), 8, iterations=20, delta=1e-30, max_cg=steps, warm_start=False, target=truth
+    )
+    assert result.history["rel_err"][-1] > floor
+
+
+def test_rectangular_matrix_dense_target_and_early_stop():
+    rows, cols, values, (U, V) = completion_problem(m=150, n=260, k=4, p=0.3, seed=1)
+    result = altmin_completion(rows, cols, values, (150, 260), 4, iterations=50, tol=1e-9, target=U @ V.T)
+    assert result.history["rel_err"][-1] <= 1e-9 and result.iterations < 50
+    assert torch.allclose(result.solution, U @ V.T, atol=1e-6)
+    assert result.factors[0].shape == (150, 4) and result.factors[1].shape == (260, 4)
+
+
+def test_factor_error_matches_the_dense_formula():
+    g = torch.Generator().manual_seed(2)
+    U, V, U2, V2 = (torch.randn(30, 3, generator=g, dtype=torch.float64) for _ in range(4))
+    dense = float(torch.linalg.norm(U @ V.T - U2 @ V2.T) / torch.linalg.norm(U2 @ V2.T))
+    assert factor_relative_error(U, V, U2, V2) == pytest.approx(dense, rel=1e-10)
+
+
+def test_bad_inputs(problem):
+    rows, cols, values, _ = problem
+    with pytest.raises(ShapeError, match="empty"):
+        altmin_completion(rows[:0], cols[:0], values[:0], (400, 400), 2)
+    nan_values = values.clone()
+    nan_values[0] = float("nan")
+    with pytest.raises(ShapeError, match="NaN"):
+        altmin_completion(rows, cols, nan_values, (400, 400), 2)
+    with pytest.raises(ShapeError, match="outside"):
+        altmin_completion(rows, cols, values, (300, 400), 2)
+    with pytest.raises(ConfigError, match="rank"):
+        altmin_completion(rows, cols, values, (400, 400), 401)
+    with pytest.raises(ShapeError, match="integer"):
+        altmin_completion(rows.double(), cols, values, (400, 400), 2)
+    with pytest.raises(ShapeError, match="equal length"):
+        altmin_completion(rows, cols[:-1], values, (400, 400), 2)
+    with pytest.raises(ConfigError, match="solver"):
+        altmin_completion(rows, cols, values, (400, 400), 2, solver="magic")
+
+
+def test_a_row_without_observations_stays_finite():
+    rows, cols, values, (U, V) = completion_problem(m=120, n=100, k=3, p=0.4, seed=3)
+    keep = rows != 5  # row 5 is never observed: unrecoverable, but must not poison the rest
+    result = altmin_completion(rows[keep], cols[keep], values[keep], (120, 100), 3, iterations=30)
+    U_hat, V_hat = result.factors
+    assert torch.isfinite(U_hat).all() and torch.isfinite(V_hat).all()
+    others = torch.arange(120) != 5
+    rest = (U_hat @ V_hat.T)[others]
+    assert float(torch.linalg.norm(rest - (U @ V.T)[others]) / torch.linalg.norm((U @ V.T)[others])) < 1e-6
