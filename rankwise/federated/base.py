@@ -12,6 +12,7 @@ the p_k-weighted plumbing, the dropping of failed clients and the FedAvg of the 
 """
 from __future__ import annotations
 
+import re
 from logging import INFO
 from typing import ClassVar, Iterable
 
@@ -40,6 +41,12 @@ def normalise_weights(weights: Iterable[float]) -> list[float]:
     if not weights or total <= 0 or any(w < 0 for w in weights):
         raise ConfigError(f"client weights (num-examples) must be >= 0 with a positive sum, got {weights}")
     return [w / total for w in weights]
+
+
+def short_reason(reason: str) -> str:
+    """The client's own exception message out of Flower's wrapped Ray traceback."""
+    found = re.findall(r"Message: (.*)", reason)
+    return (found[-1] if found else reason.strip().splitlines()[-1] if reason.strip() else "error")[:200]
 
 
 class LoraStrategy(FedAvg):
@@ -92,7 +99,7 @@ class LoraStrategy(FedAvg):
         valid, failed = self._check_and_log_replies(replies, is_train=True)
         self.round_log[server_round] = {
             "answered": len(valid),
-            "failed": [str(m.error.reason)[:200] for m in failed],
+            "failed": [short_reason(m.error.reason) for m in failed],
         }
         if not valid:
             log(INFO, "round %s: no client answered; the global model is unchanged", server_round)

@@ -200,7 +200,7 @@ def load_features(path: str | Path) -> dict[str, torch.Tensor]:
 def save_features(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
     """Write features you computed yourself (keys train_x, train_y, test_x, test_y) for `rankwise federate --features`."""
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file({k: tensors[k].contiguous() for k in FEATURE_KEYS}, tmp))
+    atomic_write(path, lambda tmp: save_file({k: tensors[k].contiguous().clone() for k in FEATURE_KEYS}, tmp))
     return path
 
 
