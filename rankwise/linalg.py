@@ -334,3 +334,42 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
     Q_A, R_A = torch.linalg.qr(A.double().T)
     U_core, S, Vh_core = torch.linalg.svd(R_B @ R_A.T)
     return Q_B @ U_core, S, Vh_core @ Q_A.T
+
+# ---- low-rank aggregation (federated adapters: FedIT / FLoRA stacking / LoRA-FAIR) -------------------
+
+
+def _check_factor_lists(Bs, As, weights) -> None:
+    if not (len(Bs) == len(As) == len(weights)) or not Bs:
+        raise ValueError(f"need equally many B factors, A factors and weights (>= 1), got {len(Bs)}, {len(As)}, {len(weights)}")
+
+
+def mean_of_products(Bs, As, weights) -> torch.Tensor:
+    """`sum_k w_k B_k A_k` in float32 (`B_k: out x r_k`, `A_k: r_k x in`, ranks may differ): the exact average update."""
+    _check_factor_lists(Bs, As, weights)
+    return sum(float(w) * (B.float() @ A.float()) for B, A, w in zip(Bs, As, weights))
+
+
+def stack_low_rank(Bs, As, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate ranks so that `B_st @ A_st == sum_k w_k B_k A_k` exactly (FLoRA, arXiv 2409.05976).
+
+    `B_st = [B_1, ..., B_K]` (out x sum r_k), `A_st = [w_1 A_1; ...; w_K A_K]` (sum r_k x in).
+    """
+    _check_factor_lists(Bs, As, weights)
+    B_st = torch.cat([B.float() for B in Bs], dim=1)
+    A_st = torch.cat([float(w) * A.float() for A, w in zip(As, weights)], dim=0)
+    return B_st, A_st
+
+
+def ridge_right_solve(target_At: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
+    """`X = argmin_X ||T - X A||_F^2 + lam ||X||_F^2` given only `T A^T` (`A: r x in`, result `out x r`).
+
+    The normal equations give `X (A A^T + lam I) = T A^T`: one r x r solve, `T` (out x in) is never needed.
+    With `lam = 0` and a rank-deficient `A` a pseudo-inverse is used (the least-squares minimiser of least norm).
+    """
+    A = A.double()
+    gram = A @ A.T
+    rhs = target_At.double()
+    if lam > 0:
+        gram = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+        return torch.linalg.solve(gram, rhs.T).T.float()  # gram is symmetric: X^T = gram^{-1} (T A^T)^T
+    return (rhs @ torch.linalg.pinv(gram, hermitian=True)).float()

@@ -1,0 +1,111 @@
+"""The common part of every federated-LoRA server strategy: a Flower `FedAvg` whose aggregation is factor-aware.
+
+State dicts exchanged with clients use three kinds of keys:
+
+    <layer>.lora_A      r x in     the LoRA down-projection of one adapted layer
+    <layer>.lora_B      out x r    the LoRA up-projection
+    <layer>.base_delta  out x in   an update already folded into the frozen weight (stacking only; never uploaded)
+    anything else                  other trainable tensors (e.g. the classifier head): plain FedAvg
+
+A strategy subclass implements only `aggregate_layer` (what to do with one layer's client factors);
+the p_k-weighted plumbing, the dropping of failed clients and the FedAvg of the rest live here once.
+"""
+from __future__ import annotations
+
+import re
+from logging import INFO
+from typing import ClassVar, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from rankwise.core.errors import ConfigError, ShapeError
+
+A_SUFFIX, B_SUFFIX, DELTA_SUFFIX = ".lora_A", ".lora_B", ".base_delta"
+
+
+def lora_layers(state: dict[str, torch.Tensor]) -> list[str]:
+    """Layer names that carry a LoRA pair in `state` (sorted, so every process iterates alike)."""
+    return sorted(k[: -len(B_SUFFIX)] for k in state if k.endswith(B_SUFFIX))
+
+
+def is_factor_key(key: str) -> bool:
+    return key.endswith((A_SUFFIX, B_SUFFIX, DELTA_SUFFIX))
+
+
+def normalise_weights(weights: Iterable[float]) -> list[float]:
+    weights = [float(w) for w in weights]
+    total = sum(weights)
+    if not weights or total <= 0 or any(w < 0 for w in weights):
+        raise ConfigError(f"client weights (num-examples) must be >= 0 with a positive sum, got {weights}")
+    return [w / total for w in weights]
+
+
+def short_reason(reason: str) -> str:
+    """The client's own exception message out of Flower's wrapped Ray traceback."""
+    found = re.findall(r"Message: (.*)", reason)
+    return (found[-1] if found else reason.strip().splitlines()[-1] if reason.strip() else "error")[:200]
+
+
+class LoraStrategy(FedAvg):
+    """FedAvg on everything that is not a LoRA factor; `aggregate_layer` decides what happens to the factors.
+
+    `scaling` is the LoRA scale s = alpha / r (needed only where a product is folded into the weight).
+    Clients that crash or miss the round's timeout send no reply (or an error reply): they are dropped from
+    that round and the p_k are renormalised over the clients that answered.
+    """
+
+    name: ClassVar[str] = "base"
+    trains_A: ClassVar[bool] = True   # False: A stays frozen on clients and is not uploaded (FFA-LoRA)
+
+    def __init__(self, scaling: float = 1.0, **fedavg_kwargs):
+        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)  # accuracy is measured centrally on the server
+        super().__init__(**fedavg_kwargs)
+        self.scaling = float(scaling)
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.round_log: dict[int, dict] = {}
+
+    # ---- the maths: pure functions of tensors ---------------------------------------------------
+    def aggregate_layer(self, layer: str, As, Bs, weights, global_state, server_round) -> dict[str, torch.Tensor]:
+        """Return this layer's new global tensors (`<layer>.lora_A`, `.lora_B`, maybe `.base_delta`)."""
+        raise NotImplementedError
+
+    def aggregate_states(self, global_state, client_states, weights, server_round: int = 1) -> dict[str, torch.Tensor]:
+        """New global state from the clients' uploads; `weights` are num-examples (normalised here)."""
+        p = normalise_weights(weights)
+        if len(client_states) != len(p):
+            raise ShapeError(f"{len(client_states)} client states but {len(p)} weights")
+        new_state: dict[str, torch.Tensor] = {}
+        for layer in lora_layers(global_state):
+            As = [s.get(layer + A_SUFFIX, global_state[layer + A_SUFFIX]) for s in client_states] if self.trains_A else None
+            Bs = [s[layer + B_SUFFIX] for s in client_states]
+            new_state.update(self.aggregate_layer(layer, As, Bs, p, global_state, server_round))
+        for key in global_state:
+            if not is_factor_key(key):
+                new_state[key] = sum(w * s[key].float() for s, w in zip(client_states, p))
+            elif key not in new_state:  # e.g. an unchanged base_delta
+                new_state[key] = global_state[key]
+        return new_state
+
+    # ---- Flower plumbing ------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        self.global_state = arrays.to_torch_state_dict()
+        config["train-A"] = self.trains_A
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, failed = self._check_and_log_replies(replies, is_train=True)
+        self.round_log[server_round] = {
+            "answered": len(valid),
+            "failed": [short_reason(m.error.reason) for m in failed],
+        }
+        if not valid:
+            log(INFO, "round %s: no client answered; the global model is unchanged", server_round)
+            return None, None
+        contents = [m.content for m in valid]
+        states = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
+        weights = [next(iter(c.metric_records.values()))[self.weighted_by_key] for c in contents]
+        new_state = self.aggregate_states(self.global_state, states, weights, server_round)
+        return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

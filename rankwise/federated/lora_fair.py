@@ -1,0 +1,45 @@
+"""LoRA-FAIR: server-side residual correction for federated LoRA (Bian, Wang, Zhang, Xu; arXiv 2411.14961, ICCV 2025).
+
+One round, per adapted layer, over the clients k that answered (p_k = n_k / sum n_j):
+
+    A_bar = sum p_k A_k        B_bar = sum p_k B_k        dW = sum p_k B_k A_k   (the ideal average update)
+    dB*   = argmin_dB || dW - (B_bar + dB) A_bar ||_F^2 + lam ||dB||_F^2         (ridge form; see docs/specs/lora_fair.md)
+          = R A_bar^T (A_bar A_bar^T + lam I)^-1,  R = dW - B_bar A_bar
+    broadcast (A_bar, B_bar + dB*): the clients start the next round from it (the "initialisation refinement").
+
+`R A_bar^T = sum p_k B_k (A_k A_bar^T) - B_bar (A_bar A_bar^T)` needs only r x r products: dW is never formed.
+With identical clients R = 0, so dB* = 0 and LoRA-FAIR is FedIT; as lam -> inf it also tends to FedIT.
+"""
+from __future__ import annotations
+
+import torch
+
+from rankwise.core.errors import ConfigError
+from rankwise.federated.base import A_SUFFIX, B_SUFFIX, LoraStrategy
+from rankwise.linalg import ridge_right_solve
+
+
+def residual_correction(As, Bs, weights, lam: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(A_bar, B_bar, dB)` of LoRA-FAIR for one layer; the corrected up-projection is `B_bar + dB`."""
+    A_bar = sum(w * A.float() for A, w in zip(As, weights))
+    B_bar = sum(w * B.float() for B, w in zip(Bs, weights))
+    residual_At = sum(w * (B.double() @ (A.double() @ A_bar.double().T)) for A, B, w in zip(As, Bs, weights))
+    residual_At = residual_At - B_bar.double() @ (A_bar.double() @ A_bar.double().T)
+    return A_bar, B_bar, ridge_right_solve(residual_At, A_bar, lam)
+
+
+class LoraFairStrategy(LoraStrategy):
+    """LoRA-FAIR (arXiv 2411.14961): FedIT's averages plus a ridge residual correction of B on the server."""
+
+    name = "lora-fair"
+
+    def __init__(self, lam: float = 0.01, **kwargs):
+        if not lam >= 0:
+            raise ConfigError(f"lora-fair lam={lam!r} is invalid: expected a number >= 0 (the paper uses 0.01)")
+        super().__init__(**kwargs)
+        self.lam = float(lam)
+
+    def aggregate_layer(self, layer, As, Bs, weights, global_state, server_round):
+        A_bar, B_bar, correction = residual_correction(As, Bs, weights, self.lam)
+        self.last_correction_norm = float(correction.norm())
+        return {layer + A_SUFFIX: A_bar, layer + B_SUFFIX: B_bar + correction}

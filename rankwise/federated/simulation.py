@@ -1,0 +1,246 @@
+"""Run a federated-LoRA experiment as a Flower simulation (ServerApp + ClientApp on Flower's Ray runtime).
+
+    server (this process, Flower ServerApp)                       clients (Ray actors, Flower ClientApp)
+    for round t:  strategy.configure_train ── grid.send_and_receive ──>  load global (A, B, head), train locally
+                  strategy.aggregate_train <── replies (timeout) ────────  upload (A, B, head), num-examples
+                  evaluate on the test set, checkpoint (safetensors + JSON, atomic)
+
+A client that raises or misses the round timeout sends no valid reply: it is dropped for that round (the
+p_k are renormalised over the others) and training continues. `resume=True` continues from the last
+checkpoint to the same result as an uninterrupted run (client seeds depend only on (seed, round, client)).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from rankwise.core.errors import CheckpointError, ConfigError
+from rankwise.core.io import atomic_write, atomic_write_text
+from rankwise.federated.baselines import strategy_class
+from rankwise.federated.partition import partition
+from rankwise.federated.task import HeadSpec, build_model, evaluate_features, load_features, load_model_state, model_state, train_local
+
+STATE_FILE = "server_state.json"
+STARTUP_ALLOWANCE = 180.0  # the first round of a process also waits for Ray to start and import the client actors
+
+
+@dataclass
+class FaultSpec:
+    """Inject a failure: `client` (partition id) fails in `round`, by raising ("crash") or sleeping ("hang")."""
+
+    client: int
+    round: int
+    mode: str = "crash"
+    hang_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("crash", "hang"):
+            raise ConfigError(f"fault mode {self.mode!r} is invalid: expected 'crash' or 'hang'")
+
+
+@dataclass
+class FederatedRun:
+    """One federated experiment. `alpha=None` is an IID split, otherwise Dirichlet(alpha) label skew."""
+
+    features: str
+    strategy: str = "lora-fair"
+    clients: int = 8
+    rounds: int = 20
+    alpha: float | None = 0.5
+    head: HeadSpec = field(default_factory=HeadSpec)
+    lam: float = 0.01
+    round_timeout: float = 300.0
+    workers: int = 2
+    seed: int = 0
+    fault: FaultSpec | None = None
+
+    def __post_init__(self) -> None:
+        strategy_class(self.strategy)  # raises ConfigError naming the choices
+        for name in ("clients", "rounds", "workers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"FederatedRun.{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"FederatedRun.alpha={self.alpha!r} is invalid: expected a number > 0, or None for IID")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"FederatedRun.round_timeout={self.round_timeout!r} is invalid: expected seconds > 0")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed (everything but the number of rounds and the fault)."""
+        d = asdict(self)
+        for key in ("rounds", "fault", "round_timeout", "workers"):
+            d.pop(key)
+        return d
+
+    def make_strategy(self):
+        cls = strategy_class(self.strategy)
+        kwargs: dict[str, Any] = {"scaling": self.head.scaling, "min_train_nodes": 1, "min_available_nodes": self.clients}
+        if self.strategy == "lora-fair":
+            kwargs["lam"] = self.lam
+        if self.strategy == "stacking":
+            kwargs["seed"] = self.seed
+        return cls(**kwargs)
+
+
+# ---- client side ------------------------------------------------------------------------------------
+_FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # per Ray actor: the feature file is read once
+
+
+def client_data(run: FederatedRun, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if run.features not in _FEATURES:
+        _FEATURES[run.features] = load_features(run.features)
+    data = _FEATURES[run.features]
+    idx = partition(data["train_y"].tolist(), run.clients, run.alpha, run.seed)[client]
+    return data["train_x"][idx], data["train_y"][idx]
+
+
+def client_round(run: FederatedRun, client: int, server_round: int, global_state: dict, train_A: bool) -> tuple[dict, dict]:
+    """One client's work in one round: the pure function the ClientApp wraps (also used by tests)."""
+    if run.fault and run.fault.client == client and run.fault.round == server_round:
+        if run.fault.mode == "crash":
+            raise RuntimeError(f"injected crash of client {client} in round {server_round}")
+        time.sleep(run.fault.hang_seconds)
+    torch.set_num_threads(1)
+    x, y = client_data(run, client)
+    model = build_model(run.head, frozen_A=not train_A)
+    load_model_state(model, global_state)
+    loss = train_local(model, x, y, run.head, seed=run.seed * 1_000_003 + server_round * 1009 + client)
+    upload = model_state(model, with_A=train_A)
+    return upload, {"num-examples": len(y), "train-loss": loss, "partition-id": client}
+
+
+def make_client_app(run: FederatedRun):
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        config = msg.content["config"]
+        client = int(context.node_config["partition-id"])
+        state = msg.content["arrays"].to_torch_state_dict()
+        upload, metrics = client_round(run, client, int(config["server-round"]), state, bool(config["train-A"]))
+        content = RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+# ---- server side ------------------------------------------------------------------------------------
+def initial_state(run: FederatedRun) -> dict[str, torch.Tensor]:
+    return model_state(build_model(run.head), with_delta=run.strategy == "stacking")
+
+
+def global_accuracy(run: FederatedRun, state: dict, test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    model = build_model(run.head)
+    load_model_state(model, state)
+    return evaluate_features(model, *test)
+
+
+def save_checkpoint(directory: Path, run: FederatedRun, server_round: int, state: dict, history: list) -> None:
+    """Tensors first, then the JSON that points at them: a crash in between leaves the previous checkpoint valid."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"round-{server_round:04d}.safetensors"
+    atomic_write(directory / name, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
+    record = {"round": server_round, "tensors": name, "run": run.fingerprint(), "history": history}
+    atomic_write_text(directory / STATE_FILE, json.dumps(record, indent=2, default=str))
+    for old in directory.glob("round-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(directory: Path, run: FederatedRun) -> tuple[int, dict, list]:
+    """(last round, global state, history) of a checkpoint written by the same experiment, or CheckpointError."""
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no federated checkpoint in {directory} ({STATE_FILE} missing): run without --resume first")
+    try:
+        record = json.loads(path.read_text())
+        saved_run, tensors = record["run"], directory / record["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is corrupted ({err}); delete the directory to start over") from None
+    current = json.loads(json.dumps(run.fingerprint(), default=str))
+    changed = sorted(k for k in set(current) | set(saved_run) if current.get(k) != saved_run.get(k))
+    if changed:
+        raise CheckpointError(f"checkpoint in {directory} was written with different settings {changed}: use a new --output or the same options")
+    try:
+        state = load_file(str(tensors))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {tensors}: {err}") from None
+    expected = initial_state(run)
+    bad = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)
+    if bad:
+        raise CheckpointError(f"checkpoint {tensors} has missing or mis-shaped tensors {bad[:5]}")
+    return int(record["round"]), state, list(record["history"])
+
+
+def make_server_app(run: FederatedRun, output: Path, resume: bool, result: dict, on_round: Callable[[dict], None] | None = None):
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        strategy = run.make_strategy()
+        data = load_features(run.features)
+        test = (data["test_x"], data["test_y"])
+        checkpoints = output / "checkpoints"
+        if resume:
+            start, state, history = load_checkpoint(checkpoints, run)
+        else:
+            start, state = 0, initial_state(run)
+            history = [{"round": 0, **global_accuracy(run, state, test), "answered": 0, "failed": [], "seconds": 0.0}]
+        arrays = ArrayRecord(state)
+        for server_round in range(start + 1, run.rounds + 1):
+            started = time.perf_counter()
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            timeout = max(run.round_timeout, STARTUP_ALLOWANCE) if server_round == start + 1 else run.round_timeout
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            # aggregate in client order, so that a resumed run reproduces an uninterrupted one bit for bit
+            replies.sort(key=lambda m: -1 if m.has_error() else int(next(iter(m.content.metric_records.values()))["partition-id"]))
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            arrays = new_arrays if new_arrays is not None else arrays
+            state = arrays.to_torch_state_dict()
+            log = strategy.round_log[server_round]
+            log["failed"] += ["timeout"] * (len(messages) - len(replies))
+            row = {"round": server_round, **global_accuracy(run, state, test), **log, "seconds": time.perf_counter() - started}
+            history.append(row)
+            save_checkpoint(checkpoints, run, server_round, state, history)
+            if on_round:
+                on_round(row)
+        result.update(history=history, state=state)
+
+    return app
+
+
+def run_federated(run: FederatedRun, output: str | Path, resume: bool = False, on_round: Callable[[dict], None] | None = None, quiet: bool = True) -> dict:
+    """Run the experiment; returns {"history": [per-round accuracy, loss, failures...], "state": global tensors}."""
+    from flwr.simulation import run_simulation
+
+    output = Path(output)
+    result: dict = {}
+    if quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    run_simulation(
+        server_app=make_server_app(run, output, resume, result, on_round),
+        client_app=make_client_app(run),
+        num_supernodes=run.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": run.workers, "object_store_memory": 150 * 1024**2, "logging_level": "ERROR"},
+        },
+    )
+    if "history" not in result:
+        raise RuntimeError("the Flower simulation ended without a result: see the log above for the ServerApp's error")
+    result["seconds"] = time.perf_counter() - started
+    return result

@@ -1,0 +1,154 @@
+"""Numeric checks of the federated-LoRA aggregations (docs/specs/lora_fair.md, 'Checks')."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankwise.core.errors import ConfigError
+from rankwise.federated.baselines import FedItStrategy, FfaLoraStrategy, StackingStrategy, strategy_class
+from rankwise.federated.lora_fair import LoraFairStrategy, residual_correction
+from rankwise.federated.partition import dirichlet_partition
+from rankwise.federated.task import HeadSpec, build_model, load_model_state, model_state, train_local
+from rankwise.linalg import mean_of_products, ridge_right_solve, stack_low_rank
+
+OUT, IN, R = 24, 20, 4
+
+
+def random_clients(k, seed=0, ranks=None):
+    g = torch.Generator().manual_seed(seed)
+    ranks = ranks or [R] * k
+    As = [torch.randn(r, IN, generator=g) for r in ranks]
+    Bs = [torch.randn(OUT, r, generator=g) for r in ranks]
+    w = torch.rand(k, generator=g) + 0.1
+    return As, Bs, (w / w.sum()).tolist()
+
+
+def global_state(A, B, delta=False):
+    state = {"fc.lora_A": A, "fc.lora_B": B, "head.weight": torch.zeros(3, 5)}
+    if delta:
+        state["fc.base_delta"] = torch.zeros(OUT, IN)
+    return state
+
+
+def client_states(As, Bs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"fc.lora_A": A, "fc.lora_B": B, "head.weight": torch.randn(3, 5, generator=g)} for A, B in zip(As, Bs)]
+
+
+def frob(x):
+    return float(torch.linalg.matrix_norm(x))
+
+
+def test_stacked_factors_reproduce_mean_product_exactly_even_with_mixed_ranks():
+    As, Bs, w = random_clients(4, ranks=[2, 4, 3, 4])
+    B_st, A_st = stack_low_rank(Bs, As, w)
+    assert B_st.shape == (OUT, 13) and A_st.shape == (13, IN)
+    exact = sum(wk * (B.double() @ A.double()) for A, B, wk in zip(As, Bs, w))
+    assert frob(B_st.double() @ A_st.double() - exact) < 1e-5 * frob(exact)
+    assert torch.allclose(mean_of_products(Bs, As, w), exact.float(), atol=1e-5)
+
+
+def test_stacking_strategy_folds_the_exact_mean_product_into_the_weight_and_restarts_lora():
+    As, Bs, w = random_clients(3)
+    strategy = StackingStrategy(scaling=2.0, seed=0)
+    start = global_state(torch.randn(R, IN), torch.zeros(OUT, R), delta=True)
+    start["fc.base_delta"] = torch.randn(OUT, IN)
+    new = strategy.aggregate_states(start, client_states(As, Bs), w, server_round=1)
+    added = new["fc.base_delta"] - start["fc.base_delta"]
+    assert torch.allclose(added, 2.0 * mean_of_products(Bs, As, w), atol=1e-5)
+    assert torch.count_nonzero(new["fc.lora_B"]) == 0 and new["fc.lora_A"].shape == (R, IN)
+    assert not torch.equal(new["fc.lora_A"], start["fc.lora_A"])  # a fresh LoRA each round
+    again = strategy.aggregate_states(start, client_states(As, Bs), w, server_round=1)
+    assert torch.equal(again["fc.lora_A"], new["fc.lora_A"])  # ...the same one for every client
+
+
+def test_lora_fair_identical_clients_zero_correction_equals_fedit():
+    As, Bs, _ = random_clients(1)
+    A_bar, B_bar, correction = residual_correction(As * 3, Bs * 3, [0.2, 0.3, 0.5])
+    assert frob(correction) < 1e-6
+    start = global_state(As[0], Bs[0])
+    states = client_states(As * 3, Bs * 3)
+    fair = LoraFairStrategy().aggregate_states(start, states, [1, 2, 3])
+    fedit = FedItStrategy().aggregate_states(start, states, [1, 2, 3])
+    for key in fedit:
+        assert torch.allclose(fair[key], fedit[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lora_fair_closer_to_mean_product_than_fedit_on_random_clients(seed):
+    As, Bs, w = random_clients(5, seed=seed)
+    target = mean_of_products(Bs, As, w)
+    A_bar, B_bar, correction = residual_correction(As, Bs, w, lam=0.01)
+    err_fedit = frob(target - B_bar @ A_bar)
+    err_fair = frob(target - (B_bar + correction) @ A_bar)
+    assert err_fair < err_fedit
+    # only the part of the residual in A_bar's row space is fixable (spec check 6)
+    residual = target - B_bar @ A_bar
+    floor = frob(residual - residual @ torch.linalg.pinv(A_bar) @ A_bar)
+    assert err_fair >= floor - 1e-4
+
+
+def test_lora_fair_correction_is_the_ridge_minimiser_and_vanishes_for_large_lambda():
+    As, Bs, w = random_clients(4, seed=3)
+    A_bar, B_bar, correction = residual_correction(As, Bs, w, lam=0.5)
+    residual = mean_of_products(Bs, As, w) - B_bar @ A_bar
+    objective = lambda dB: frob(residual - dB @ A_bar) ** 2 + 0.5 * frob(dB) ** 2  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert objective(correction) <= objective(correction + 1e-2 * torch.randn(correction.shape, generator=g)) + 1e-6
+    closed = residual @ A_bar.T @ torch.linalg.inv(A_bar @ A_bar.T + 0.5 * torch.eye(R))
+    assert torch.allclose(correction, closed, atol=1e-4)
+    _, _, tiny = residual_correction(As, Bs, w, lam=1e6)
+    assert frob(tiny) < 1e-3 * frob(correction)
+    assert torch.allclose(ridge_right_solve(residual @ A_bar.T, A_bar, 0.0), residual @ torch.linalg.pinv(A_bar), atol=1e-3)
+
+
+def test_ffa_lora_keeps_A_and_is_exact():
+    As, Bs, w = random_clients(3)
+    A = As[0]
+    start = global_state(A, torch.zeros(OUT, R))
+    uploads = [{"fc.lora_B": B, "head.weight": torch.ones(3, 5) * k} for k, B in enumerate(Bs)]
+    new = FfaLoraStrategy().aggregate_states(start, uploads, w)
+    assert torch.equal(new["fc.lora_A"], A)
+    assert torch.allclose(new["fc.lora_B"] @ A, mean_of_products(Bs, [A] * 3, w), atol=1e-5)
+    assert torch.allclose(new["head.weight"], torch.full((3, 5), sum(k * wk for k, wk in enumerate(w))))
+
+
+def test_non_factor_tensors_are_fedavged_and_bad_inputs_raise():
+    As, Bs, w = random_clients(2)
+    states = client_states(As, Bs)
+    new = FedItStrategy().aggregate_states(global_state(As[0], Bs[0]), states, [1, 3])
+    assert torch.allclose(new["head.weight"], 0.25 * states[0]["head.weight"] + 0.75 * states[1]["head.weight"])
+    with pytest.raises(ConfigError, match="num-examples"):
+        FedItStrategy().aggregate_states(global_state(As[0], Bs[0]), states, [0, 0])
+    with pytest.raises(ConfigError, match="lam"):
+        LoraFairStrategy(lam=-1)
+    with pytest.raises(ConfigError, match="unknown federated strategy"):
+        strategy_class("fedprox")
+
+
+def test_lora_fair_beats_fedit_on_clients_trained_on_dirichlet_splits():
+    """Real local training from one broadcast on label-skewed synthetic data: the spec's non-IID check."""
+    spec = HeadSpec(in_features=16, hidden=16, num_classes=4, rank=4, lr=2e-2, local_epochs=2, batch_size=16)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 2
+    y = torch.randint(0, 4, (240,), generator=g)
+    x = centres[y] + torch.randn(240, 16, generator=g)
+    parts = dirichlet_partition(y.tolist(), 3, alpha=0.3, seed=0)
+    start = model_state(build_model(spec))
+    start["fc1.lora_B"] = 0.1 * torch.randn(start["fc1.lora_B"].shape, generator=g)  # a mid-training broadcast
+    uploads, sizes = [], []
+    for k, idx in enumerate(parts):
+        model = build_model(spec)
+        load_model_state(model, start)
+        train_local(model, x[idx], y[idx], spec, seed=k)
+        uploads.append(model_state(model))
+        sizes.append(len(idx))
+    fair = LoraFairStrategy().aggregate_states(start, uploads, sizes)
+    fedit = FedItStrategy().aggregate_states(start, uploads, sizes)
+    p = [s / sum(sizes) for s in sizes]
+    for layer in ("fc1", "fc2"):
+        target = mean_of_products([u[f"{layer}.lora_B"] for u in uploads], [u[f"{layer}.lora_A"] for u in uploads], p)
+        err_fair = frob(target - fair[f"{layer}.lora_B"] @ fair[f"{layer}.lora_A"])
+        err_fedit = frob(target - fedit[f"{layer}.lora_B"] @ fedit[f"{layer}.lora_A"])
+        assert err_fair < err_fedit, (layer, err_fair, err_fedit)
