@@ -1,0 +1,172 @@
+"""What the training procedures share about the LoRA adapters they act on.
+
+- `lora_adapters`: find a model's LoRA adapters, or raise a clear error when the procedure has none to act on;
+- `set_forward` / `restore_forward`: a procedure's layer part (ALLoRA's backward, GGPO's perturbation, ...)
+  replaces one adapter's forward on the instance; the saved file stays a plain LoRA file;
+- `replace_parameter`: swap a tensor for a resized one *between optimizer steps*, carrying its optimizer
+  state over (sliced for kept entries, filled for new ones), as DESIGN.md asks of rank-changing procedures;
+- `record_ranks`: write the final per-layer ranks into the config's `rank_pattern` (and `alpha_pattern`,
+  so the scaling each layer trained with survives), so the saved adapter reloads exactly;
+- `rank_table` / `plot_ranks`: the per-layer rank report and the PNG of rank over training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rankwise.core.errors import ConfigError
+
+
+def lora_adapters(model, procedure: str, adapter_name: str | None = None, kinds: tuple[str, ...] = ("linear",)) -> dict:
+    """`{module name: LoraAdapter}` of `adapter_name` (default: the first active adapter)."""
+    from rankwise.adapters.lora import LoraAdapter, LoraConfig
+    from rankwise.core.model import AdaptedModel
+
+    hint = "adapt it first: model = rankwise.adapt(model, rankwise.LoraConfig(r=..., target_modules=[...]))"
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"{procedure} acts on LoRA adapters, but got a plain {type(model).__name__}: {hint}")
+    name = adapter_name or model.active_adapters[0]
+    config = model.configs.get(name)
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"{procedure} acts on LoRA adapters; adapter {name!r} is {type(config).__name__}: {hint}")
+    adapters = {m: layer.adapters[name] for m, layer in model.adapted_layers() if name in layer.adapters}
+    for module, adapter in adapters.items():
+        if not isinstance(adapter, LoraAdapter) or adapter.kind not in kinds:
+            raise ConfigError(f"{procedure} supports LoRA on {', '.join(kinds)} layers; {module!r} is a {adapter.kind} layer: "
+                              "exclude it from target_modules")
+    return adapters
+
+
+def set_forward(adapter: nn.Module, forward: Callable) -> None:
+    adapter.forward = types.MethodType(forward, adapter)
+
+
+def restore_forward(adapter: nn.Module) -> None:
+    adapter.__dict__.pop("forward", None)
+
+
+def take_and_pad(t: torch.Tensor, dim: int, keep: torch.Tensor | None, extra: int, fill: float = 0.0) -> torch.Tensor:
+    """Entries `keep` along `dim` (all if None), then `extra` new entries equal to `fill`."""
+    if keep is not None:
+        t = t.index_select(dim, keep.to(t.device))
+    if extra:
+        shape = list(t.shape)
+        shape[dim] = extra
+        t = torch.cat([t, t.new_full(shape, fill)], dim)
+    return t
+
+
+def replace_parameter(module: nn.Module, attr: str, value: torch.Tensor, optimizer=None,
+                      reshape_state: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> nn.Parameter:
+    """Set `module.<attr>` to a new Parameter holding `value`; in `optimizer`, the new Parameter takes the
+    old one's place in its group and its state, each state tensor of the old shape passed through `reshape_state`."""
+    old = getattr(module, attr)
+    new = nn.Parameter(value.detach().to(old.dtype).clone(), requires_grad=old.requires_grad)
+    for flag in ("_rankwise_trainable",):
+        if hasattr(old, flag):
+            setattr(new, flag, getattr(old, flag))
+    setattr(module, attr, new)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p is old:
+                    group["params"][i] = new
+                    state = optimizer.state.pop(old, None)
+                    if state:
+                        optimizer.state[new] = {
+                            k: reshape_state(k, v) if reshape_state and torch.is_tensor(v) and v.shape == old.shape else v
+                            for k, v in state.items()
+                        }
+    return new
+
+
+def resize_lora(adapter, keep: torch.Tensor | None = None, grow: int = 0, optimizer=None,
+                new_A: torch.Tensor | None = None, new_B: torch.Tensor | None = None, scaling: float | None = None) -> None:
+    """Keep LoRA components `keep` (all if None), then append `grow` new ones (A rows `new_A`, default
+    Kaiming-uniform like LoRA's A; B columns `new_B`, default 0, so the update is unchanged but for `scaling`).
+
+    Adam moments of kept components are kept; new ones start at 0 for `exp_avg` and at the tensor's mean
+    `exp_avg_sq` (a zero second moment would make their first Adam step ~3x the LR) [inferred].
+    """
+    A, B = adapter.lora_A.detach(), adapter.lora_B.detach()
+    if grow:
+        if new_A is None:
+            new_A = torch.empty(grow, A.shape[1], dtype=A.dtype)
+            nn.init.kaiming_uniform_(new_A, a=math.sqrt(5))
+        if new_B is None:
+            new_B = torch.zeros(B.shape[0], grow, dtype=B.dtype)
+    kept_A = A if keep is None else A.index_select(0, keep)
+    kept_B = B if keep is None else B.index_select(1, keep)
+    A2 = torch.cat([kept_A, new_A.to(A)], 0) if grow else kept_A
+    B2 = torch.cat([kept_B, new_B.to(B)], 1) if grow else kept_B
+
+    def moments(dim):
+        def reshape(key, t):
+            fill = float(t.mean()) if key == "exp_avg_sq" and t.numel() else 0.0
+            return take_and_pad(t, dim, keep, grow, fill)
+        return reshape
+
+    replace_parameter(adapter, "lora_A", A2, optimizer, moments(0))
+    replace_parameter(adapter, "lora_B", B2, optimizer, moments(1))
+    adapter.r = A2.shape[0]
+    if scaling is not None:
+        adapter.scaling = scaling
+
+
+def record_ranks(model, adapters: dict, adapter_name: str | None = None) -> None:
+    """Write each layer's current rank (and the alpha giving its current scaling) into the saved config."""
+    name = adapter_name or model.active_adapters[0]
+    config = model.configs[name]
+    ranks, alphas = {}, {}
+    for module, adapter in adapters.items():
+        key = re.escape(module)
+        ranks[key] = int(adapter.r)
+        alphas[key] = float(adapter.scaling * (math.sqrt(adapter.r) if config.use_rslora else adapter.r))
+    rank_pattern = {**ranks, **{k: v for k, v in config.rank_pattern.items() if k not in ranks}}
+    alpha_pattern = {**alphas, **{k: v for k, v in config.alpha_pattern.items() if k not in alphas}}
+    model.configs[name] = dataclasses.replace(config, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def rank_table(ranks: dict[str, int], title: str = "per-layer ranks"):
+    """A rich Table of the final rank of each layer (print it with `rich.print`)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("module")
+    table.add_column("rank", justify="right")
+    for module, r in ranks.items():
+        table.add_row(module, str(r))
+    table.add_row("[bold]total", f"[bold]{sum(ranks.values())}")
+    return table
+
+
+def plot_ranks(history: list[dict], path: str | Path, title: str = "rank over training") -> Path:
+    """PNG of each layer's rank against the optimizer step; `history` is `[{"step": s, module: rank, ...}, ...]`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    modules = [k for k in history[0] if k != "step"] if history else []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    for module in modules:
+        ax.step(steps, [h[module] for h in history], where="post", label=module)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("rank")
+    ax.set_title(title)
+    if len(modules) <= 12:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
