@@ -85,3 +85,13 @@ def orthonormal_dct(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     D = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
     D[0] /= math.sqrt(2.0)
     return D.to(dtype)
+
+
+def factored_row_norms(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Row norms of the product `B @ A` (out x in) without forming it: ||(BA)_i||^2 = b_i^T (A A^T) b_i.
+
+    Costs O(out r^2 + r^2 in) instead of O(out r in); computed in float32 (float64 if given).
+    """
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A, B = A.detach().to(work), B.detach().to(work)
+    return ((B @ (A @ A.T)) * B).sum(1).clamp_min(0).sqrt()

@@ -22,16 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.errors import ConfigError
+from rankwise.linalg import factored_row_norms
 from rankwise.train.lora_tools import lora_adapters, restore_forward, set_forward
 
 
 def row_scale(A: torch.Tensor, B: torch.Tensor, eta: float, norm_power: int = 1) -> torch.Tensor:
     """s_i = 1 / sqrt(||(B A)_i||^p + 1/eta^2) for every output row i, in float32 (float64 if given)."""
-    work = torch.float64 if A.dtype == torch.float64 else torch.float32
-    A, B = A.detach().to(work), B.detach().to(work)
-    squared = ((B @ (A @ A.T)) * B).sum(1).clamp_min(0)
-    norm = squared if norm_power == 2 else squared.sqrt()
-    return (norm + 1.0 / eta**2).rsqrt()
+    norm = factored_row_norms(B, A)
+    return (norm**norm_power + 1.0 / eta**2).rsqrt()
 
 
 class AlloraFunction(torch.autograd.Function):
