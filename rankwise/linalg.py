@@ -95,3 +95,10 @@ def factored_row_norms(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     work = torch.float64 if A.dtype == torch.float64 else torch.float32
     A, B = A.detach().to(work), B.detach().to(work)
     return ((B @ (A @ A.T)) * B).sum(1).clamp_min(0).sqrt()
+
+
+def orthogonality_residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """||A A^T - I||_F + ||B^T B - I||_F for LoRA factors A (r x in) and B (out x r): how far the rows of A
+    and the columns of B are from orthonormal (the regulariser of AdaLoRA-style rank allocators)."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)

@@ -170,3 +170,73 @@ def plot_ranks(history: list[dict], path: str | Path, title: str = "rank over tr
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class RankAllocator:
+    """What IncreLoRA and TriAdaptLoRA share: a total-rank budget over a model's LoRA layers, growth every
+    `incre_interval` optimizer steps after `init_warmup` (in `on_step_end`, between optimizer steps) until the
+    budget is spent, the orthogonality regulariser, the rank history and the saved per-layer ranks.
+    Subclasses set `procedure` and implement `allocate(state)`."""
+
+    procedure = "rank allocation"
+    supports_resume = False  # ranks and optimizer groups change shape: a checkpoint cannot replay that yet
+
+    def __init__(self, model, target_rank, target_total_rank, init_warmup, incre_interval, reg_orth_coef, adapter_name):
+        checks = [
+            (isinstance(target_rank, (int, float)) and target_rank > 0, "target_rank", "a number > 0 (average rank per layer)"),
+            (target_total_rank is None or (isinstance(target_total_rank, int) and target_total_rank > 0),
+             "target_total_rank", "None or an integer > 0"),
+            (isinstance(init_warmup, int) and init_warmup >= 0, "init_warmup", "an integer >= 0"),
+            (isinstance(incre_interval, int) and incre_interval >= 1, "incre_interval", "an integer >= 1"),
+            (isinstance(reg_orth_coef, (int, float)) and reg_orth_coef >= 0, "reg_orth_coef", "a number >= 0"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{self.procedure} {name}={locals()[name]!r} is invalid: expected {allowed}")
+        self.model, self.adapter_name = model, adapter_name
+        self.adapters = lora_adapters(model, self.procedure, adapter_name)
+        self.max_rank = {m: min(a.lora_B.shape[0], a.lora_A.shape[1]) for m, a in self.adapters.items()}
+        budget = target_total_rank if target_total_rank is not None else int(round(target_rank * len(self.adapters)))
+        if budget < self.total_rank():
+            raise ConfigError(f"{self.procedure} budget {budget} is below the adapters' initial total rank {self.total_rank()}: "
+                              "raise target_rank, or start from a smaller LoraConfig(r=1)")
+        if budget > sum(self.max_rank.values()):
+            raise ConfigError(f"{self.procedure} budget {budget} exceeds the largest possible total rank "
+                              f"{sum(self.max_rank.values())} (sum of min(out, in)): lower target_rank")
+        self.budget, self.init_warmup, self.incre_interval, self.reg_orth_coef = budget, init_warmup, incre_interval, reg_orth_coef
+        self.rank_history = [{"step": 0, **self.ranks()}]
+
+    def ranks(self) -> dict[str, int]:
+        return {m: int(a.r) for m, a in self.adapters.items()}
+
+    def total_rank(self) -> int:
+        return sum(int(a.r) for a in self.adapters.values())
+
+    def budget_left(self) -> int:
+        return self.budget - self.total_rank()
+
+    def regulariser(self) -> torch.Tensor:
+        from rankwise.linalg import orthogonality_residual
+
+        terms = [orthogonality_residual(a.lora_A, a.lora_B) for a in self.adapters.values()]
+        return self.reg_orth_coef * torch.stack(terms).sum() / (2 * len(terms))
+
+    def on_step_start(self, state) -> None:
+        # Backward of the penalty before the micro-batches: it joins the step's gradient as a loss term would.
+        if self.reg_orth_coef > 0:
+            self.regulariser().backward()
+
+    def on_step_end(self, state) -> None:
+        if state.step > self.init_warmup and state.step % self.incre_interval == 0 and self.budget_left() > 0:
+            self.allocate(state)
+            self.rank_history.append({"step": state.step, **self.ranks()})
+            record_ranks(self.model, self.adapters, self.adapter_name)
+
+    def allocate(self, state) -> None:
+        raise NotImplementedError
+
+    def report(self, png: str | Path | None = None):
+        """The final per-layer rank table (a rich Table); with `png`, also the plot of rank over training."""
+        if png is not None:
+            plot_ranks(self.rank_history, png, f"{self.procedure}: rank over training")
+        return rank_table(self.ranks(), f"{self.procedure}: final ranks (budget {self.budget})")
