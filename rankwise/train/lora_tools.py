@@ -179,6 +179,7 @@ class RankAllocator:
     Subclasses set `procedure` and implement `allocate(state)`."""
 
     procedure = "rank allocation"
+    field_names: dict[str, str] = {}  # a subclass's spelling of the shared settings (TriAdaptLoRA: reference_rank, ...)
     supports_resume = False  # ranks and optimizer groups change shape: a checkpoint cannot replay that yet
 
     def __init__(self, model, target_rank, target_total_rank, init_warmup, incre_interval, reg_orth_coef, adapter_name):
@@ -192,7 +193,7 @@ class RankAllocator:
         ]
         for ok, name, allowed in checks:
             if not ok:
-                raise ConfigError(f"{self.procedure} {name}={locals()[name]!r} is invalid: expected {allowed}")
+                raise ConfigError(f"{self.procedure} {self.field_names.get(name, name)}={locals()[name]!r} is invalid: expected {allowed}")
         self.model, self.adapter_name = model, adapter_name
         self.adapters = lora_adapters(model, self.procedure, adapter_name)
         self.max_rank = {m: min(a.lora_B.shape[0], a.lora_A.shape[1]) for m, a in self.adapters.items()}
