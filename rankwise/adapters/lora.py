@@ -111,6 +111,7 @@ class LoraConfig(AdapterConfig):
         "pissa" (principal singular subspace of W moved into A, B; the base keeps the residual),
         False (random A and B: a non-zero update, for tests).
     rank_pattern / alpha_pattern: per-module overrides, {module-name regex: value} (PEFT semantics).
+    fan_in_fan_out: kept for PEFT files only; rankwise reads the weight layout from the layer type (GPT-2 Conv1D).
     """
 
     r: int = 8
@@ -120,10 +121,11 @@ class LoraConfig(AdapterConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    fan_in_fan_out: bool = False
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
     peft_neutral_fields: ClassVar[dict] = {
-        "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None,
+        "bias": "none", "layers_to_transform": None, "layers_pattern": None,
         "use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
         "trainable_token_indices": None, "megatron_config": None, "megatron_core": "megatron.core",
         "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,

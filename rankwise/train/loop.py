@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rankwise.core.errors import CheckpointError, ConfigError
 
@@ -190,7 +190,7 @@ def train(
     if resume_from is not None:
         ckpt.load_checkpoint(ckpt.resolve(resume_from, output_dir), state, callbacks)
     metrics = ckpt.MetricsLog(output_dir, state.history if resume_from is not None else None)
-    columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=total, completed=state.step, loss=state.loss)
         for epoch in range(state.epoch, config.epochs):
