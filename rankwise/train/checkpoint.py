@@ -133,7 +133,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def load_checkpoint(path: Path, state, callbacks) -> None:
-    """Restore model, optimizer, schedule, RNG and callbacks; on any mismatch raise before changing anything."""
+    """Restore callbacks, model, optimizer, schedule and RNG. A corrupted file or a model that does not fit raises
+    before the model's values change (a rank-changing callback may already have resized its adapters)."""
     meta, tensors = _read(path)
     for cb in callbacks:
         if getattr(cb, "supports_resume", True) is False:
@@ -141,6 +142,11 @@ def load_checkpoint(path: Path, state, callbacks) -> None:
                                   "this procedure cannot be resumed: restart the run")
     if len(meta["callbacks"]) != len(callbacks):
         raise CheckpointError(f"{path} was saved with {len(meta['callbacks'])} callbacks, this run has {len(callbacks)}")
+    # Callbacks first: a rank-changing procedure resizes the model (and the fresh optimizer's tensors) to the
+    # checkpoint's shapes here, so the shape checks below compare like with like.
+    for j, cb in enumerate(callbacks):
+        if hasattr(cb, "load_state_dict"):
+            cb.load_state_dict(_join(f"callback.{j}", meta["callbacks"][j], tensors), state)
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
     saved = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if set(saved) != set(params):
@@ -165,8 +171,5 @@ def load_checkpoint(path: Path, state, callbacks) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     version, internal, gauss = meta["rng_python"]
     random.setstate((version, tuple(internal), gauss))
-    for j, cb in enumerate(callbacks):
-        if hasattr(cb, "load_state_dict"):
-            cb.load_state_dict(_join(f"callback.{j}", meta["callbacks"][j], tensors), state)
     state.step, state.epoch, state.batch_index = meta["step"], meta["epoch"], meta["batch_index"]
     state.loss, state.history = meta["loss"], meta["history"]

@@ -26,8 +26,6 @@ from rankwise.train.lora_tools import lora_adapters, restore_forward, set_forwar
 
 
 class DiffoRA:
-    supports_resume = False  # discretisation removes adapters: a checkpoint cannot replay it yet
-
     def __init__(self, model, val_batches: list[Any], loss_fn: Callable, ratio: float = 0.5, search_steps: int = 100,
                  gate_lr: float = 1e-3, average_last: int = 10, adapter_name: str | None = None):
         if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
@@ -86,14 +84,17 @@ class DiffoRA:
             self.discretise(state.optimizer)
 
     @torch.no_grad()
-    def discretise(self, optimizer=None) -> list[str]:
-        """Keep the top ceil(ratio * M) modules by averaged gate, fold the gate into B, drop the rest."""
+    def discretise(self, optimizer=None, kept: list[str] | None = None) -> list[str]:
+        """Keep the top ceil(ratio * M) modules by averaged gate (or the given `kept`), fold the gate into B,
+        drop the rest."""
         from rankwise.core.model import _set_submodule
 
-        average = torch.stack(self.gate_history).mean(0) if self.gate_history else torch.sigmoid(self.gamma.detach())
-        keep = max(1, math.ceil(self.ratio * len(self.modules)))
-        order = sorted(range(len(self.modules)), key=lambda i: -float(average[i]))
-        self.kept = sorted((self.modules[i] for i in order[:keep]), key=self.modules.index)
+        if kept is None:
+            average = torch.stack(self.gate_history).mean(0) if self.gate_history else torch.sigmoid(self.gamma.detach())
+            keep = max(1, math.ceil(self.ratio * len(self.modules)))
+            order = sorted(range(len(self.modules)), key=lambda i: -float(average[i]))
+            kept = [self.modules[i] for i in order[:keep]]
+        self.kept = sorted(kept, key=self.modules.index)
         gates = torch.sigmoid(self.gamma.detach())
         layers = dict(self.model.adapted_layers())
         for i, module in enumerate(self.modules):
@@ -117,6 +118,22 @@ class DiffoRA:
         config = self.model.configs[self.adapter_name]
         self.model.configs[self.adapter_name] = dataclasses.replace(config, target_modules=list(self.kept))
         return self.kept
+
+    def state_dict(self) -> dict:
+        gate_state = self.gate_optimizer.state.get(self.gamma, {})
+        out = {"gamma": self.gamma.detach().clone(), "kept": self.kept,
+               **{f"gate_{k}": v for k, v in gate_state.items()}}
+        if self.gate_history:
+            out["gate_history"] = torch.stack(self.gate_history)
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict, train_state) -> None:
+        self.gamma.copy_(saved["gamma"])
+        self.gate_optimizer.state[self.gamma] = {k[5:]: v.clone() for k, v in saved.items() if k.startswith("gate_") and k != "gate_history"}
+        self.gate_history = list(saved["gate_history"]) if "gate_history" in saved else []
+        if saved["kept"] is not None and self.kept is None:  # the B values are overwritten by the checkpoint's
+            self.discretise(train_state.optimizer, kept=saved["kept"])
 
     def report(self):
         from rich.table import Table

@@ -97,15 +97,27 @@ class IncreLoRA(RankAllocator):
             plan[m], left = add, left - add
         return plan
 
+    def grow_layer(self, module: str, add: int, optimizer=None) -> None:
+        adapter = self.adapters[module]
+        scaling = self.alpha[module] / (adapter.r + add) if self.scaling == "current_rank" else adapter.scaling
+        resize_lora(adapter, grow=add, optimizer=optimizer, scaling=scaling)
+
     def grow(self, plan: dict[str, int], optimizer=None) -> None:
         for m, add in plan.items():
-            adapter = self.adapters[m]
-            new_r = adapter.r + add
-            scaling = self.alpha[m] / new_r if self.scaling == "current_rank" else adapter.scaling
-            resize_lora(adapter, grow=add, optimizer=optimizer, scaling=scaling)
+            self.grow_layer(m, add, optimizer)
 
     def allocate(self, state) -> None:
         self.grow(self.choose(), state.optimizer)
+        self._fast_forward_when_done()
+
+    def _fast_forward_when_done(self) -> None:
         if self.budget_left() <= 0:  # allocation is over: back to LoRA's fast factored forward
             for adapter in self.adapters.values():
                 restore_forward(adapter)
+
+    def extra_state(self) -> dict:
+        return {"ipt": self.ipt, "unc": self.unc, "score": self.score}
+
+    def load_extra_state(self, saved: dict) -> None:
+        self.ipt, self.unc, self.score = dict(saved["ipt"]), dict(saved["unc"]), dict(saved["score"])
+        self._fast_forward_when_done()

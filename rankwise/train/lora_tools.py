@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rankwise.core.errors import ConfigError
+from rankwise.core.errors import CheckpointError, ConfigError
 
 
 def lora_adapters(model, procedure: str, adapter_name: str | None = None, kinds: tuple[str, ...] = ("linear",)) -> dict:
@@ -180,7 +180,6 @@ class RankAllocator:
 
     procedure = "rank allocation"
     field_names: dict[str, str] = {}  # a subclass's spelling of the shared settings (TriAdaptLoRA: reference_rank, ...)
-    supports_resume = False  # ranks and optimizer groups change shape: a checkpoint cannot replay that yet
 
     def __init__(self, model, target_rank, target_total_rank, init_warmup, incre_interval, reg_orth_coef, adapter_name):
         checks = [
@@ -235,6 +234,31 @@ class RankAllocator:
 
     def allocate(self, state) -> None:
         raise NotImplementedError
+
+    def grow_layer(self, module: str, add: int, optimizer=None) -> None:
+        raise NotImplementedError
+
+    # ---- checkpoints: ranks and allocator state; on resume the layers are regrown to the saved ranks ----
+    def state_dict(self) -> dict:
+        return {"ranks": self.ranks(), "scaling": {m: a.scaling for m, a in self.adapters.items()},
+                "rank_history": self.rank_history, **self.extra_state()}
+
+    def load_state_dict(self, saved: dict, train_state) -> None:
+        for m, r in saved["ranks"].items():
+            if r < self.adapters[m].r:
+                raise CheckpointError(f"{self.procedure}: checkpoint rank {r} of {m!r} is below the model's {self.adapters[m].r}")
+            if r > self.adapters[m].r:
+                self.grow_layer(m, r - self.adapters[m].r, train_state.optimizer)
+            self.adapters[m].scaling = saved["scaling"][m]
+        self.rank_history = saved["rank_history"]
+        record_ranks(self.model, self.adapters, self.adapter_name)
+        self.load_extra_state(saved)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, saved: dict) -> None:
+        pass
 
     def report(self, png: str | Path | None = None):
         """The final per-layer rank table (a rich Table); with `png`, also the plot of rank over training."""

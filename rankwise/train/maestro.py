@@ -40,8 +40,6 @@ def importance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 class Maestro:
-    supports_resume = False  # shrinking slices parameters: a checkpoint cannot replay it yet
-
     def __init__(self, model, gp_lambda: float = 1e-6, threshold: float = 1e-5, shrink_every: int = 100,
                  init_warmup: int = 0, min_rank: int = 1, ordered_dropout: bool = True, adapter_name: str | None = None):
         checks = [
@@ -111,6 +109,17 @@ class Maestro:
         self.cycle = []  # the sampler is rebuilt over the new widths
         record_ranks(self.model, self.adapters, self.adapter_name)
         return self.ranks()
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.ranks(), "cycle": self.cycle, "rank_history": self.rank_history}
+
+    def load_state_dict(self, saved: dict, train_state) -> None:
+        for m, r in saved["ranks"].items():
+            if r < self.adapters[m].r:  # shrink to the checkpoint's rank; the values come from the checkpoint
+                resize_lora(self.adapters[m], keep=torch.arange(r), optimizer=train_state.optimizer)
+        self.cycle = [tuple(pair) for pair in saved["cycle"]]
+        self.rank_history = saved["rank_history"]
+        record_ranks(self.model, self.adapters, self.adapter_name)
 
     def remove(self) -> None:
         for adapter in self.adapters.values():

@@ -96,12 +96,12 @@ class TriAdaptLoRA(RankAllocator):
         for m in candidates:
             if scores[m] < threshold or self.budget_left() <= 0:
                 break
-            self.grow(m, min(self.incre_rank_num, self.budget_left(), self.max_rank[m] - self.adapters[m].r), state.optimizer)
+            self.grow_layer(m, min(self.incre_rank_num, self.budget_left(), self.max_rank[m] - self.adapters[m].r), state.optimizer)
         for m in self.adapters:  # a grown layer's norm is now divided by its new rank
             self.previous_norm[m] = self.normalised_norm(m)
 
     @torch.no_grad()
-    def grow(self, module: str, add: int, optimizer=None) -> None:
+    def grow_layer(self, module: str, add: int, optimizer=None) -> None:
         adapter = self.adapters[module]
         r, new_r = adapter.r, adapter.r + add
         dtype = adapter.lora_A.dtype
@@ -123,6 +123,12 @@ class TriAdaptLoRA(RankAllocator):
                 return take_and_pad(take_and_pad(t, 0, None, add, fill), 1, None, add, fill)
 
             replace_parameter(adapter, attr, grown, optimizer, reshape)
+
+    def extra_state(self) -> dict:
+        return {"previous_norm": self.previous_norm}
+
+    def load_extra_state(self, saved: dict) -> None:
+        self.previous_norm = dict(saved["previous_norm"])
 
     def trainable_count(self) -> int:
         """Trainable numbers as the triangular storage holds them: sum of R (in + out) + R (R + 1)."""

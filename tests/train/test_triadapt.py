@@ -34,15 +34,15 @@ def test_function_preserving_growth_only_rescales(scaling, factor):
     x = torch.randn(4, 16)
     lora_out = lambda: model.model.lin0(x) - model.model.lin0.base_layer(x)  # noqa: E731
     before = lora_out().detach()
-    proc.grow("lin0", 1)
+    proc.grow_layer("lin0", 1)
     torch.testing.assert_close(lora_out(), before * factor)
 
 
 def test_parameter_count_after_growth():
     model = lora_mlp(r=1)
     proc = TriAdaptLoRA(model, reference_rank=4)
-    proc.grow("lin0", 2)
-    proc.grow("lin1", 1)
+    proc.grow_layer("lin0", 2)
+    proc.grow_layer("lin1", 1)
     expected = 3 * (16 + 32) + 3 * 4 + 2 * (32 + 24) + 2 * 3
     assert proc.trainable_count() == expected
     assert proc.adapters["lin0"].tri_lower.shape == (3, 3)
