@@ -1,7 +1,6 @@
 """The same rankwise callback, run by the rankwise loop and by transformers.Trainer, gives the same model."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils.data import SequentialSampler
 from train_helpers import ce_loss, lora_mlp, task, trainable

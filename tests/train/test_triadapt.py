@@ -7,7 +7,7 @@ from train_helpers import batcher, ce_loss, lora_mlp, task
 
 import rankwise
 from rankwise.core.errors import ConfigError
-from rankwise.train.loop import TrainConfig, TrainState, train
+from rankwise.train.loop import TrainConfig, train
 from rankwise.train.triadapt import TriAdaptLoRA, core
 from toy_models import MLP
 
