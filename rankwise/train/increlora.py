@@ -8,7 +8,7 @@ rank reaches the budget (never beyond it):
 
     score   = sum |dW * dL/d(dW)| / sqrt(out * in)        dW = s B A, formed explicitly while allocating
     I <- b1 I + (1 - b1) score;  U <- b2 U + (1 - b2) |score - I|;   importance = I * U
-    growth: A gains Kaiming rows, B gains zero columns (the update is unchanged but for the scaling);
+    growth: A gains Kaiming rows (from a private generator with `seed`), B gains zero columns (the update is unchanged but for the scaling);
             scaling = alpha / r_new ("current_rank", the paper's alpha/ranknum) or unchanged ("fixed")
     loss  += reg_orth_coef * mean over layers and factors of ||A A^T - I||_F, ||B^T B - I||_F
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rankwise.core.errors import ConfigError
+from rankwise.linalg import seeded_generator
 from rankwise.train.lora_tools import RankAllocator, resize_lora, restore_forward, set_forward
 
 
@@ -32,7 +33,8 @@ class IncreLoRA(RankAllocator):
 
     def __init__(self, model, target_rank: float = 2, target_total_rank: int | None = None, init_warmup: int = 100,
                  incre_interval: int = 100, top_h: int = 3, incre_rank_num: int = 1, beta1: float = 0.85,
-                 beta2: float = 0.85, reg_orth_coef: float = 0.1, scaling: str = "current_rank", adapter_name: str | None = None):
+                 beta2: float = 0.85, reg_orth_coef: float = 0.1, scaling: str = "current_rank", seed: int | None = None,
+                 adapter_name: str | None = None):
         checks = [
             (isinstance(top_h, int) and top_h >= 1, "top_h", "an integer >= 1"),
             (isinstance(incre_rank_num, int) and incre_rank_num >= 1, "incre_rank_num", "an integer >= 1"),
@@ -46,6 +48,9 @@ class IncreLoRA(RankAllocator):
         super().__init__(model, target_rank, target_total_rank, init_warmup, incre_interval, reg_orth_coef, adapter_name)
         self.top_h, self.incre_rank_num, self.beta1, self.beta2, self.scaling = top_h, incre_rank_num, beta1, beta2, scaling
         self.alpha = {m: a.scaling * a.r for m, a in self.adapters.items()}  # alpha such that scaling = alpha / r
+        # New components come from a private generator when seeded: then growth does not depend on (or disturb)
+        # the loop's RNG stream, and runs in our loop and in transformers.Trainer grow the same components.
+        self.generator = None if seed is None else seeded_generator(seed)
         self.score = {m: 0.0 for m in self.adapters}
         self.ipt = {m: 0.0 for m in self.adapters}
         self.unc = {m: 0.0 for m in self.adapters}
@@ -100,7 +105,7 @@ class IncreLoRA(RankAllocator):
     def grow_layer(self, module: str, add: int, optimizer=None) -> None:
         adapter = self.adapters[module]
         scaling = self.alpha[module] / (adapter.r + add) if self.scaling == "current_rank" else adapter.scaling
-        resize_lora(adapter, grow=add, optimizer=optimizer, scaling=scaling)
+        resize_lora(adapter, grow=add, optimizer=optimizer, scaling=scaling, generator=self.generator)
 
     def grow(self, plan: dict[str, int], optimizer=None) -> None:
         for m, add in plan.items():
@@ -116,8 +121,13 @@ class IncreLoRA(RankAllocator):
                 restore_forward(adapter)
 
     def extra_state(self) -> dict:
-        return {"ipt": self.ipt, "unc": self.unc, "score": self.score}
+        extra = {"ipt": self.ipt, "unc": self.unc, "score": self.score}
+        if self.generator is not None:
+            extra["generator_state"] = self.generator.get_state()
+        return extra
 
     def load_extra_state(self, saved: dict) -> None:
         self.ipt, self.unc, self.score = dict(saved["ipt"]), dict(saved["unc"]), dict(saved["score"])
+        if self.generator is not None and "generator_state" in saved:
+            self.generator.set_state(saved["generator_state"])
         self._fast_forward_when_done()

@@ -88,18 +88,19 @@ def replace_parameter(module: nn.Module, attr: str, value: torch.Tensor, optimiz
 
 
 def resize_lora(adapter, keep: torch.Tensor | None = None, grow: int = 0, optimizer=None,
-                new_A: torch.Tensor | None = None, new_B: torch.Tensor | None = None, scaling: float | None = None) -> None:
+                new_A: torch.Tensor | None = None, new_B: torch.Tensor | None = None, scaling: float | None = None,
+                generator: torch.Generator | None = None) -> None:
     """Keep LoRA components `keep` (all if None), then append `grow` new ones (A rows `new_A`, default
-    Kaiming-uniform like LoRA's A; B columns `new_B`, default 0, so the update is unchanged but for `scaling`).
+    Kaiming-uniform like LoRA's A, drawn from `generator` or torch's global RNG; B columns `new_B`, default 0,
+    so the update is unchanged but for `scaling`).
 
     Adam moments of kept components are kept; new ones start at 0 for `exp_avg` and at the tensor's mean
     `exp_avg_sq` (a zero second moment would make their first Adam step ~3x the LR) [inferred].
     """
     A, B = adapter.lora_A.detach(), adapter.lora_B.detach()
     if grow:
-        if new_A is None:
-            new_A = torch.empty(grow, A.shape[1], dtype=A.dtype)
-            nn.init.kaiming_uniform_(new_A, a=math.sqrt(5))
+        if new_A is None:  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
+            new_A = (torch.rand(grow, A.shape[1], generator=generator) * 2 - 1) / math.sqrt(A.shape[1])
         if new_B is None:
             new_B = torch.zeros(B.shape[0], grow, dtype=B.dtype)
     kept_A = A if keep is None else A.index_select(0, keep)

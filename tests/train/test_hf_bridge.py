@@ -48,16 +48,18 @@ class SequentialTrainer(Trainer):
         return SequentialSampler(self.train_dataset)
 
 
-def run_rankwise(x, y, callback, bs=8, epochs=2):
-    model = lora_mlp(seed=3)
+def run_rankwise(x, y, callback, bs=8, epochs=2, build=lambda: lora_mlp(seed=3)):
+    model = build()
+    callback = callback(model) if callable(callback) else callback
     batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
     config = TrainConfig(epochs=epochs, lr=1e-2, schedule="linear", warmup_ratio=0.25, max_grad_norm=1.0)
     train(model, lambda epoch: batches, ce_loss, config, callbacks=[callback], progress=False)
     return model
 
 
-def run_trainer(x, y, callback, tmp_path, bs=8, epochs=2):
-    model = lora_mlp(seed=3)
+def run_trainer(x, y, callback, tmp_path, bs=8, epochs=2, build=lambda: lora_mlp(seed=3)):
+    model = build()
+    callback = callback(model) if callable(callback) else callback
     steps = epochs * len(x) // bs
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=bs, num_train_epochs=epochs,
                              learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1.0, report_to=[], use_cpu=True,
@@ -81,3 +83,24 @@ def test_same_callback_same_result_in_loop_and_trainer(tmp_path):
     for name, tensor in trainable(ours).items():
         torch.testing.assert_close(tensor, theirs_params[name], rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(t, dict(baseline.named_parameters())[n]) for n, t in trainable(ours).items())
+
+
+
+def test_rank_growing_procedure_runs_the_same_in_the_trainer(tmp_path):
+    """IncreLoRA resizes tensors inside the Trainer's own optimizer, through the bridge, as in our loop."""
+    from rankwise.train.increlora import IncreLoRA
+
+    x, y = task(32)
+    procs = []
+
+    def increlora(model):
+        procs.append(IncreLoRA(model, target_total_rank=6, init_warmup=1, incre_interval=2, top_h=1, seed=0))
+        return procs[-1]
+
+    build = lambda: lora_mlp(seed=3, r=1, lora_alpha=4)  # noqa: E731
+    ours = run_rankwise(x, y, increlora, build=build)
+    theirs = run_trainer(x, y, increlora, tmp_path, build=build)
+    assert procs[0].ranks() == procs[1].ranks() and procs[0].total_rank() == 6
+    theirs_params = dict(theirs.named_parameters())
+    for name, tensor in trainable(ours).items():
+        torch.testing.assert_close(tensor, theirs_params[name], rtol=1e-5, atol=1e-6)
