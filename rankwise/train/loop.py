@@ -119,6 +119,9 @@ def add_param_group(state: TrainState, params: list[torch.nn.Parameter], restart
     """Add new tensors to the optimizer *and* the LR schedule (a plain `add_param_group` would leave the
     schedule blind to the group, so it would train at a constant LR)."""
     optimizer, scheduler = state.optimizer, state.scheduler
+    if not isinstance(getattr(scheduler, "lr_lambdas", [None])[0], LRFactor):
+        raise ConfigError("this procedure adds parameter groups, which needs a rankwise LR schedule: with transformers.Trainer "
+                          "pass optimizers=(opt, rankwise.train.hf.bridge_scheduler(opt, 'linear', max_steps, warmup_steps))")
     base_lr = group.pop("lr", optimizer.defaults["lr"])
     optimizer.add_param_group({"params": params, "lr": base_lr, **group})
     template = scheduler.lr_lambdas[0]
