@@ -83,3 +83,23 @@ def test_finetune_with_each_procedure(name, tiny_classifier, tmp_path):
         assert (tmp_path / "low_rank" / "low_rank.json").exists()
     else:
         assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_cli_finetune_procedure_prints_rank_table_and_saves_plot(tiny_classifier, tmp_path):
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    data = tiny_data()
+    csv = tmp_path / "data.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{data.label_names[y]}\n" for t, y in zip(data.train_texts, data.train_labels)))
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_classifier), "--data", str(csv), "--rank", "1", "--targets", "query,value",
+            "--epochs", "1", "--train-size", "48", "--test-size", "12", "--max-length", "16", "--batch-size", "8",
+            "--output", str(out), "--procedure", "increlora", "-p", "target_rank=2", "-p", "init_warmup=1", "-p", "incre_interval=1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "IncreLoRA: final ranks" in result.output and (out / "ranks.png").exists()
+    bad = CliRunner().invoke(app, args[:-8] + ["--procedure", "increlora", "-p", "target_rank=-1"])
+    assert bad.exit_code == 2 and "target_rank=-1 is invalid" in bad.output
