@@ -104,3 +104,18 @@ def test_rank_growing_procedure_runs_the_same_in_the_trainer(tmp_path):
     theirs_params = dict(theirs.named_parameters())
     for name, tensor in trainable(ours).items():
         torch.testing.assert_close(tensor, theirs_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bridge_maps_evaluation_and_trainer_state():
+    from transformers import TrainerState
+
+    seen = {}
+
+    class OnEval:
+        def on_eval(self, state, metrics):
+            seen.update(step=state.step, total=state.total_steps, epoch=state.epoch, metrics=metrics, model=state.model)
+
+    model = lora_mlp()
+    TrainerBridge(OnEval()).on_evaluate(None, TrainerState(global_step=3, max_steps=10, epoch=1.5), None,
+                                        metrics={"eval_loss": 0.5}, model=model)
+    assert seen == {"step": 3, "total": 10, "epoch": 1, "metrics": {"eval_loss": 0.5}, "model": model}
