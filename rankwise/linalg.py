@@ -373,3 +373,29 @@ def ridge_right_solve(target_At: torch.Tensor, A: torch.Tensor, lam: float) -> t
         gram = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
         return torch.linalg.solve(gram, rhs.T).T.float()  # gram is symmetric: X^T = gram^{-1} (T A^T)^T
     return (rhs @ torch.linalg.pinv(gram, hermitian=True)).float()
+
+def factored_row_norms(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Row norms of the product `B @ A` (out x in) without forming it: ||(BA)_i||^2 = b_i^T (A A^T) b_i.
+
+    Costs O(out r^2 + r^2 in) instead of O(out r in); computed in float32 (float64 if given).
+    """
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A, B = A.detach().to(work), B.detach().to(work)
+    return ((B @ (A @ A.T)) * B).sum(1).clamp_min(0).sqrt()
+
+
+def orthogonality_residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """||A A^T - I||_F + ||B^T B - I||_F for LoRA factors A (r x in) and B (out x r): how far the rows of A
+    and the columns of B are from orthonormal (the regulariser of AdaLoRA-style rank allocators)."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest k whose top-k singular values hold at least `energy` (in (0, 1]) of sum sigma^2."""
+    power = singular_values.double() ** 2
+    total = float(power.sum())
+    if total == 0:
+        return 1
+    cumulative = torch.cumsum(power, 0) / total
+    return min(int((cumulative < energy - 1e-12).sum()) + 1, singular_values.numel())

@@ -72,6 +72,8 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(Path("runs/finetune"), help="Output directory."),
         seed: int = typer.Option(0),
         threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+        procedure: Optional[str] = typer.Option(None, help="Training procedure: allora, ggpo, increlora, triadapt, diffora, maestro, trp."),
+        procedure_option: list[str] = typer.Option([], "--procedure-option", "-p", help="Procedure argument as key=value (JSON values), repeatable."),
     ) -> None:
         """Fine-tune a text classifier with an adapter; evaluate before and after; save adapter, metrics, plot."""
         import torch
@@ -89,6 +91,7 @@ def register(app: typer.Typer) -> None:
             spec = FinetuneSpec(
                 method=method, rank=rank or None, targets=target_list, method_options=_parse_options(option),
                 max_length=max_length, batch_size=batch_size, train=TrainConfig(epochs=epochs, lr=lr, seed=seed),
+                procedure=procedure, procedure_options=_parse_options(procedure_option),
             )
             console.print(f"[bold]{dataset.summary()}[/bold]")
             metrics = finetune_classifier(dataset, spec, output, model_path=model)
@@ -103,5 +106,5 @@ def register(app: typer.Typer) -> None:
         finetune(
             method="lora", rank=8, targets="query,key,value,dense", option=["lora_alpha=16"], epochs=2, lr=2e-3,
             batch_size=32, max_length=64, train_size=2400, test_size=800, data=None, text_field="text",
-            label_field="label", model=None, output=output, seed=0, threads=0,
+            label_field="label", model=None, output=output, seed=0, threads=0, procedure=None, procedure_option=[],
         )

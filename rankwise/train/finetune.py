@@ -16,6 +16,7 @@ from rankwise.core.io import atomic_write, atomic_write_text
 from rankwise.data.models import load_classifier
 from rankwise.data.text import TextClassificationData
 from rankwise.train.loop import TrainConfig, train
+from rankwise.train.procedures import build_procedure, dense_trainable, finish_procedure, get_procedure, save_dense_low_rank
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -29,6 +30,8 @@ class FinetuneSpec:
     max_length: int = 64
     batch_size: int = 32
     train: TrainConfig = field(default_factory=TrainConfig)
+    procedure: str | None = None  # a training procedure (rankwise.train.procedures), e.g. "increlora"
+    procedure_options: dict[str, Any] = field(default_factory=dict)
 
 
 def build_config(spec: FinetuneSpec, head: list[str]):
@@ -89,29 +92,44 @@ def finetune_classifier(
     torch.manual_seed(spec.train.seed)
     base, tokenizer = load_classifier(model_path, num_labels=len(data.label_names))
     head = [name for name, _ in base.named_children() if name in HEAD_NAMES]
-    model = rankwise.adapt(base, build_config(spec, head))
+    dense = spec.procedure is not None and get_procedure(spec.procedure).name == "trp"
+    model = dense_trainable(base, spec.targets, head) if dense else rankwise.adapt(base, build_config(spec, head))
     pad_id = tokenizer.pad_token_id or 0
     train_ids = _encode(tokenizer, data.train_texts, spec.max_length)
+    train_labels = list(data.train_labels)
     test_batches = _batches(_encode(tokenizer, data.test_texts, spec.max_length), data.test_labels, 64, pad_id)
+    loss_fn = lambda m, batch: m(**batch).loss  # noqa: E731
+    callbacks, val_batches = [], None
+    if spec.procedure is not None:
+        if "val_batches" in get_procedure(spec.procedure).needs:  # held out from the training data, never the test set
+            cut = max(1, len(train_ids) // 10)
+            val_batches = _batches(train_ids[-cut:], train_labels[-cut:], spec.batch_size, pad_id)
+            train_ids, train_labels = train_ids[:-cut], train_labels[:-cut]
+        callbacks.append(build_procedure(spec.procedure, model, val_batches=val_batches, loss_fn=loss_fn, **spec.procedure_options))
 
     before = evaluate(model, test_batches)
     started = time.perf_counter()
     state = train(
         model,
-        batches=lambda epoch: _batches(train_ids, data.train_labels, spec.batch_size, pad_id, seed=spec.train.seed + epoch),
-        loss_fn=lambda m, batch: m(**batch).loss,
+        batches=lambda epoch: _batches(train_ids, train_labels, spec.batch_size, pad_id, seed=spec.train.seed + epoch),
+        loss_fn=loss_fn,
         config=spec.train,
         evaluate=lambda m: evaluate(m, test_batches),
-        param_groups=model.parameter_groups(spec.train.lr, spec.train.weight_decay),
+        callbacks=callbacks,
+        param_groups=None if dense else model.parameter_groups(spec.train.lr, spec.train.weight_decay),
         progress=progress,
     )
     train_seconds = time.perf_counter() - started
+    procedure_summary = finish_procedure(callbacks[0], output_dir, _console(progress)) if callbacks else None
+    if dense:
+        procedure_summary["low_rank"] = save_dense_low_rank(model, callbacks[0], output_dir / "low_rank")
     evals = [h for h in state.history if "eval_accuracy" in h]
-    if evals and evals[-1]["step"] == state.step:  # the loop already evaluated the final weights
+    if not callbacks and evals and evals[-1]["step"] == state.step:  # the loop already evaluated the final weights
         after = {"accuracy": evals[-1]["eval_accuracy"], "loss": evals[-1]["eval_loss"]}
-    else:
+    else:  # a procedure may change the model when it finishes (e.g. TRP's final low-rank substitution)
         after = evaluate(model, test_batches)
-    model.save_adapter(output_dir / "adapter")
+    if not dense:
+        model.save_adapter(output_dir / "adapter")
     metrics = {
         "method": spec.method,
         "data": data.summary(),
@@ -119,7 +137,8 @@ def finetune_classifier(
         "before": before,
         "after": after,
         "majority_baseline": max(data.test_labels.count(k) for k in set(data.test_labels)) / len(data.test_labels),
-        "trainable": model.trainable_summary(),
+        "trainable": trainable_summary(model),
+        "procedure": procedure_summary,
         "train_seconds": train_seconds,
         "spec": {**asdict(spec), "train": asdict(spec.train)},
         "history": state.history,
@@ -127,6 +146,18 @@ def finetune_classifier(
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     plot_curves(state.history, output_dir / "curve.png", title=f"{spec.method} on {data.source}")
     return metrics
+
+
+def trainable_summary(model) -> dict[str, int | float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def _console(progress: bool):
+    from rich.console import Console
+
+    return Console() if progress else None
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:

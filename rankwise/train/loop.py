@@ -1,27 +1,41 @@
 """A plain, readable training loop: the one `rankwise finetune` uses.
 
-    for epoch: for batch: loss = loss_fn(model, batch) / accum; backward; (every accum) clip, step, schedule
+    for epoch: for batch: loss = loss_fn(model, batch) / accum; backward
+        every accum micro-batches: clip -> after_backward -> optimizer.step -> schedule.step -> zero_grad
+                                   -> on_step_end -> checkpoint (every N) -> evaluate (every M)
     callbacks see: on_step_start, after_backward, on_step_end, on_eval
 
+The hook order is the one `transformers.Trainer` uses (`on_step_begin`, clip, `on_pre_optimizer_step`,
+step, `on_step_end`), so a callback behaves the same here and behind `rankwise.train.hf.TrainerBridge`.
 Training procedures (ALLoRA, IncreLoRA, ...) are `Callback`s; they may change the model and the
-optimizer between steps.
+optimizer in `on_step_end`, between optimizer steps.
+
+Checkpoints (`<output_dir>/checkpoint-<step>/`) hold safetensors for tensors and JSON for scalars
+(model, optimizer, schedule, RNG, callbacks); `resume_from=` continues a run to the same parameters
+an uninterrupted run with the same seed reaches.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rankwise.core.errors import ConfigError
+from rankwise.core.errors import CheckpointError, ConfigError
 
 
 @runtime_checkable
 class Callback(Protocol):
-    """Hooks the loop calls; implement any subset (missing hooks are skipped)."""
+    """Hooks the loop calls; implement any subset (missing hooks are skipped).
+
+    Optional: `state_dict() -> dict` (tensors and JSON values) and `load_state_dict(d, state)` to be
+    checkpointed; `supports_resume = False` for a callback whose changes cannot be replayed from a checkpoint.
+    """
 
     def on_step_start(self, state: "TrainState") -> None: ...
     def after_backward(self, state: "TrainState") -> None: ...
@@ -36,10 +50,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    schedule: str = "linear"  # "linear" | "cosine" | "constant"
+    schedule: str = "linear"  # "linear" | "cosine" | "constant" (transformers' formulas)
     warmup_ratio: float = 0.06
     seed: int = 0
     eval_every: int = 0  # optimizer steps between evaluations (0: only at the end of each epoch)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); needs output_dir
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (older ones are deleted)
 
     def __post_init__(self) -> None:
         checks = [
@@ -49,6 +65,9 @@ class TrainConfig:
             (self.schedule in ("linear", "cosine", "constant"), "schedule", "'linear', 'cosine' or 'constant'"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or a number > 0"),
+            (self.eval_every >= 0, "eval_every", "an integer >= 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1"),
         ]
         for ok, name, allowed in checks:
             if not ok:
@@ -64,20 +83,55 @@ class TrainState:
     epoch: int = 0
     loss: float = float("nan")
     history: list[dict[str, Any]] = field(default_factory=list)
+    total_steps: int = 0     # optimizer steps the whole run will take
+    batch_index: int = 0     # micro-batches of the current epoch already consumed
+    config: TrainConfig | None = None
+
+
+class LRFactor:
+    """Learning-rate multiplier at a step: warm-up then linear/cosine decay (transformers' formulas).
+
+    A plain object (not a closure) so `LambdaLR.state_dict()` records it as JSON. `start` shifts the
+    clock: a parameter group added at step `start` gets its own warm-up (IncreLoRA's "restart warmup").
+    """
+
+    def __init__(self, schedule: str, total_steps: int, warmup_steps: int, start: int = 0):
+        self.schedule, self.total_steps, self.warmup_steps, self.start = schedule, total_steps, warmup_steps, start
+
+    def __call__(self, step: int) -> float:
+        step = step - self.start
+        total = self.total_steps - self.start
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+        if self.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if self.schedule == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+    return LRFactor(schedule, total_steps, warmup_steps)
 
-    return factor
+
+def add_param_group(state: TrainState, params: list[torch.nn.Parameter], restart_warmup: bool = True, **group) -> None:
+    """Add new tensors to the optimizer *and* the LR schedule (a plain `add_param_group` would leave the
+    schedule blind to the group, so it would train at a constant LR)."""
+    optimizer, scheduler = state.optimizer, state.scheduler
+    if not isinstance(getattr(scheduler, "lr_lambdas", [None])[0], LRFactor):
+        raise ConfigError("this procedure adds parameter groups, which needs a rankwise LR schedule: with transformers.Trainer "
+                          "pass optimizers=(opt, rankwise.train.hf.bridge_scheduler(opt, 'linear', max_steps, warmup_steps))")
+    base_lr = group.pop("lr", optimizer.defaults["lr"])
+    optimizer.add_param_group({"params": params, "lr": base_lr, **group})
+    template = scheduler.lr_lambdas[0]
+    start = scheduler.last_epoch if restart_warmup else template.start
+    factor = LRFactor(template.schedule, template.total_steps, template.warmup_steps, start)
+    scheduler.base_lrs.append(base_lr)
+    scheduler.lr_lambdas.append(factor)
+    optimizer.param_groups[-1]["initial_lr"] = base_lr
+    optimizer.param_groups[-1]["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def seed_everything(seed: int) -> None:
@@ -92,6 +146,17 @@ def _call(callbacks: Iterable[Any], hook: str, *args) -> None:
             fn(*args)
 
 
+def build_optimizer(model, config: TrainConfig, param_groups, total_steps: int):
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ConfigError("nothing to train: the model has no parameter with requires_grad=True")
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total_steps)
+    factors = [LRFactor(config.schedule, total_steps, warmup) for _ in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    return optimizer, scheduler
+
+
 def train(
     model: torch.nn.Module,
     batches: Callable[[int], list[Any]],
@@ -101,60 +166,99 @@ def train(
     callbacks: Iterable[Any] = (),
     param_groups: list[dict[str, Any]] | None = None,
     progress: bool = True,
+    *,
+    output_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    stop_after: int | None = None,
 ) -> TrainState:
-    """Train `model`. `batches(epoch)` returns that epoch's list of batches (shuffled by the caller's seed).
+    """Train `model`. `batches(epoch)` returns that epoch's list of batches; it must give the same list for
+    the same epoch every time (shuffle with a seed derived from the epoch) so that a resumed run sees the same data.
 
     `param_groups` default to every trainable parameter; adapted models pass `model.parameter_groups(lr)`
     so per-group learning-rate multipliers are honoured.
+    `output_dir`: where `metrics.jsonl` and `checkpoint-<step>/` go (checkpoints every `config.checkpoint_every`).
+    `resume_from`: a checkpoint directory, or `"latest"` for the newest one in `output_dir`.
+    `stop_after`: end after this many optimizer steps (the schedule still spans the whole run): an interruption.
     """
+    from rankwise.train import checkpoint as ckpt
+
     callbacks = list(callbacks)
+    if config.checkpoint_every and output_dir is None:
+        raise ConfigError("TrainConfig.checkpoint_every is set but train(output_dir=None): give an output_dir for the checkpoints")
     seed_everything(config.seed)
-    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(batches(0)) / config.grad_accum)
     total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.schedule, total, int(config.warmup_ratio * total))
-    )
-    state = TrainState(model, optimizer, scheduler)
+    optimizer, scheduler = build_optimizer(model, config, param_groups, total)
+    state = TrainState(model, optimizer, scheduler, total_steps=total, config=config)
+    if resume_from is not None:
+        ckpt.load_checkpoint(ckpt.resolve(resume_from, output_dir), state, callbacks)
+    metrics = ckpt.MetricsLog(output_dir, state.history if resume_from is not None else None)
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=total, loss=float("nan"))
-        for epoch in range(config.epochs):
+        task = bar.add_task("train", total=total, completed=state.step, loss=state.loss)
+        for epoch in range(state.epoch, config.epochs):
             state.epoch = epoch
             model.train()
             epoch_batches = batches(epoch)
             running = 0.0
-            for i, batch in enumerate(epoch_batches):
+            for i in range(state.batch_index, len(epoch_batches)):
+                if stop_after is not None and state.step >= stop_after:
+                    return state
                 if i % config.grad_accum == 0:
                     _call(callbacks, "on_step_start", state)
-                loss = loss_fn(model, batch) / config.grad_accum
+                loss = loss_fn(model, epoch_batches[i]) / config.grad_accum
                 loss.backward()
                 running += float(loss.detach())
-                last_micro = (i + 1) % config.grad_accum == 0 or i + 1 == len(epoch_batches)
-                if not last_micro:
+                state.batch_index = i + 1
+                if (i + 1) % config.grad_accum != 0 and i + 1 != len(epoch_batches):
                     continue
-                _call(callbacks, "after_backward", state)
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+                _call(callbacks, "after_backward", state)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.loss = running
-                state.history.append({"step": state.step, "epoch": epoch, "loss": running, "lr": scheduler.get_last_lr()[0]})
+                record = {"step": state.step, "epoch": epoch, "loss": running, "lr": scheduler.get_last_lr()[0]}
+                state.history.append(record)
+                metrics.write(record)
                 running = 0.0
                 _call(callbacks, "on_step_end", state)
                 bar.update(task, advance=1, loss=state.loss)
+                if state.batch_index == len(epoch_batches):  # a checkpoint at an epoch's end resumes in the next epoch
+                    state.epoch, state.batch_index = epoch + 1, 0
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    ckpt.save_checkpoint(Path(output_dir), state, callbacks, config.keep_checkpoints)
+                state.epoch = epoch
                 if evaluate and config.eval_every and state.step % config.eval_every == 0:
-                    _run_eval(state, evaluate, callbacks)
+                    _run_eval(state, evaluate, callbacks, metrics)
+            state.batch_index = 0
             if evaluate and not config.eval_every:
-                _run_eval(state, evaluate, callbacks)
+                _run_eval(state, evaluate, callbacks, metrics)
+        state.epoch = config.epochs
     return state
 
 
-def _run_eval(state: TrainState, evaluate, callbacks) -> None:
-    metrics = evaluate(state.model)
-    state.history.append({"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
-    _call(callbacks, "on_eval", state, metrics)
+def _run_eval(state: TrainState, evaluate, callbacks, metrics) -> None:
+    metrics_now = evaluate(state.model)
+    record = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics_now.items()}}
+    state.history.append(record)
+    metrics.write(record)
+    _call(callbacks, "on_eval", state, metrics_now)
     state.model.train()
+
+
+def jsonable(value: Any) -> Any:
+    """JSON form of optimizer/scheduler scalars (tuples become lists, tensors are not allowed here)."""
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise CheckpointError(f"cannot store {type(value).__name__} value {value!r} as JSON in a checkpoint")
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(jsonable(data), indent=1)
