@@ -165,7 +165,7 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     if total <= 0:
         return 1
     cumulative = torch.cumsum(power, 0) / total
-    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
+    return min(int((cumulative < energy - 1e-12).sum()) + 1, singular_values.numel())
 
 
 def ldu_factors(weight: torch.Tensor, rank: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -390,12 +390,3 @@ def orthogonality_residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     return torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
 
-
-def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
-    """Smallest k whose top-k singular values hold at least `energy` (in (0, 1]) of sum sigma^2."""
-    power = singular_values.double() ** 2
-    total = float(power.sum())
-    if total == 0:
-        return 1
-    cumulative = torch.cumsum(power, 0) / total
-    return min(int((cumulative < energy - 1e-12).sum()) + 1, singular_values.numel())

@@ -21,6 +21,7 @@ import torch
 
 from rankwise.core.errors import CheckpointError, ShapeError
 from rankwise.linalg import effective_rank, factored_svd, stable_rank, subspace_similarity
+from rankwise.linalg import energy_rank as linalg_energy_rank
 
 Update = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -64,11 +65,9 @@ def spectrum(name: str, update: Update) -> Spectrum:
 
 def energy_rank(singular_values: torch.Tensor, fraction: float = 0.9) -> int:
     """Smallest k with sum_{i<=k} sigma_i^2 >= fraction * sum sigma^2 (0 for a zero matrix)."""
-    energy = singular_values.double() ** 2
-    total = float(energy.sum())
-    if total == 0:
+    if not bool((singular_values != 0).any()):
         return 0
-    return int((torch.cumsum(energy, 0) < fraction * total).sum()) + 1
+    return linalg_energy_rank(singular_values, fraction)
 
 
 def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
