@@ -105,6 +105,12 @@ def test_conversion_error_is_reported_and_peft_loads_it(method, tmp_path):
         src, out = tmp_path / case.name, tmp_path / f"{case.name}-lora"
         base, model = _saved_adapter(method, case, src)
         inputs = _inputs(case)
+        if getattr(method.config_cls, "unmergeable_reason", None):
+            # Not a weight change (DePT's soft prompt): refused with the reason, nothing written.
+            with pytest.raises(ConfigError, match="cannot be exported as LoRA"):
+                convert_adapter(base, src, out, rank=2, sample_inputs=inputs)
+            assert not out.exists()
+            continue
         report = convert_adapter(base, src, out, rank=2, sample_inputs=inputs)
         # Per-layer error, recomputed independently from the converted file (rankwise loads it as a LoRA).
         converted = rankwise.load_adapter(copy.deepcopy(base), out)

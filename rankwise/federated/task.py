@@ -160,12 +160,13 @@ def encode_texts(texts: list[str], model_path: str | Path | None, max_length: in
     encoder = AutoModel.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = _encode(tokenizer, texts, max_length)
-    chunks = []
-    for batch in _batches(ids, [0] * len(ids), batch_size, tokenizer.pad_token_id or 0):
+    features = torch.empty(len(ids), encoder.config.hidden_size)
+    # Batches come length-sorted (little padding); the "labels" carry each text's index to put it back in order.
+    for batch in _batches(ids, list(range(len(ids))), batch_size, tokenizer.pad_token_id or 0):
         hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        chunks.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
-    return torch.cat(chunks)
+        features[batch["labels"]] = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float()
+    return features
 
 
 def cached_features(data, model_path=None, max_length: int = 64, cache_dir: str | Path = "runs/federate/cache") -> Path:

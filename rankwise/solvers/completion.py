@@ -166,13 +166,17 @@ def _sketched_cg_solve(
 
 
 def factor_relative_error(U, V, target_U, target_V) -> float:
-    """||U V^T - U* V*^T||_F / ||U* V*^T||_F in O((m + n) k^2), without forming either matrix."""
-    uu, vv = U.T @ U, V.T @ V
-    tu, tv = target_U.T @ target_U, target_V.T @ target_V
-    cross = (U.T @ target_U) * (V.T @ target_V)
-    target_sq = float((tu * tv).sum())
-    error_sq = float((uu * vv).sum()) - 2 * float(cross.sum()) + target_sq
-    return max(error_sq, 0.0) ** 0.5 / max(target_sq, 1e-300) ** 0.5
+    """||U V^T - U* V*^T||_F / ||U* V*^T||_F in O((m + n) k^2), without forming either matrix.
+
+    The difference is [U, -U*] [V, V*]^T; QR of both tall factors reduces it to a 2k x 2k product.
+    (Expanding the Gram terms instead cancels catastrophically and floors at ~1e-8 in float64.)
+    """
+    R_left = torch.linalg.qr(torch.cat([U, -target_U], 1), mode="r").R
+    R_right = torch.linalg.qr(torch.cat([V, target_V], 1), mode="r").R
+    R_target_left = torch.linalg.qr(target_U, mode="r").R
+    R_target_right = torch.linalg.qr(target_V, mode="r").R
+    target_norm = float(torch.linalg.norm(R_target_left @ R_target_right.T))
+    return float(torch.linalg.norm(R_left @ R_right.T)) / max(target_norm, 1e-300)
 
 
 def altmin_completion(

@@ -44,12 +44,19 @@ def lora_adapters(model, procedure: str, adapter_name: str | None = None, kinds:
     return adapters
 
 
+def _no_fused_forward(x, layer):
+    return None
+
+
 def set_forward(adapter: nn.Module, forward: Callable) -> None:
     adapter.forward = types.MethodType(forward, adapter)
+    # The fused base+adapter node would bypass the procedure's forward: decline it while one is set.
+    adapter.fused_forward = _no_fused_forward
 
 
 def restore_forward(adapter: nn.Module) -> None:
     adapter.__dict__.pop("forward", None)
+    adapter.__dict__.pop("fused_forward", None)
 
 
 def take_and_pad(t: torch.Tensor, dim: int, keep: torch.Tensor | None, extra: int, fill: float = 0.0) -> torch.Tensor:
