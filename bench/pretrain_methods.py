@@ -38,6 +38,8 @@ def arm_command(method: str, args, out: Path) -> list[str]:
                "--threads", str(args.threads), "--seed", str(args.seed), "--quiet"]
     if method != "full":
         command += ["--rank", str(args.rank)]
+    if args.lr is not None:
+        command += ["--lr", str(args.lr)]
     return command
 
 
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--rank", type=int, default=32, help="d/8 for the default d=256")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="peak lr for every arm (default: each method's own)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=1, help="arms run at once (step times then share the CPU)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "pretrain_methods")
