@@ -16,6 +16,7 @@ an uninterrupted run with the same seed reaches.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -56,6 +57,9 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluations (0: only at the end of each epoch)
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); needs output_dir
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (older ones are deleted)
+    # On CPU, LoRA's B=0 start gives Adam denormal second moments whose arithmetic is ~100x slower
+    # (measured: 0.45 s of a 1.7 s MiniLM step). Flushing them to zero changes values below 1e-38 only.
+    flush_denormals: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -157,6 +161,20 @@ def build_optimizer(model, config: TrainConfig, param_groups, total_steps: int):
     return optimizer, scheduler
 
 
+@contextlib.contextmanager
+def denormals_flushed(enabled: bool = True):
+    """Flush denormal floats to zero inside the block (CPU only; a no-op where unsupported), then restore."""
+    if not enabled:
+        yield
+        return
+    previous_supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if previous_supported:
+            torch.set_flush_denormal(False)
+
+
 def train(
     model: torch.nn.Module,
     batches: Callable[[int], list[Any]],
@@ -194,7 +212,7 @@ def train(
         ckpt.load_checkpoint(ckpt.resolve(resume_from, output_dir), state, callbacks)
     metrics = ckpt.MetricsLog(output_dir, state.history if resume_from is not None else None)
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with denormals_flushed(config.flush_denormals), Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=total, completed=state.step, loss=state.loss)
         for epoch in range(state.epoch, config.epochs):
             state.epoch = epoch
