@@ -1,0 +1,105 @@
+"""Griffe extension: turn each dataclass's fields into an "Attributes" table on its docs page.
+
+rankwise docstrings describe config fields in prose lines ("r: rank of each base ..."). This
+extension reads the fields from the dataclass itself (name, annotation, default: never copied by
+hand, so the page cannot drift from the code), takes each field's description from the matching
+"name: ..." line of the class docstring when there is one, and appends a Google-style
+"Attributes:" section, which mkdocstrings renders as a table. Lines consumed this way are removed
+from the prose so the text is not shown twice.
+"""
+from __future__ import annotations
+
+import re
+
+import griffe
+
+_FIELD_LINE = re.compile(r"^(?P<names>[A-Za-z_]\w*(?:\s*/\s*[A-Za-z_]\w*)*)\s*:\s+(?P<text>\S.*)$")
+_SECTION_WORDS = {"args", "arguments", "parameters", "returns", "raises", "attributes", "example", "examples",
+                  "note", "notes", "warning", "warnings", "yields", "see also", "references"}
+
+
+def _is_dataclass(cls: griffe.Class) -> bool:
+    return "dataclass" in cls.labels or any("dataclass" in str(d.value) for d in cls.decorators)
+
+
+def _fields(cls: griffe.Class) -> list[griffe.Attribute]:
+    out = []
+    for member in cls.members.values():
+        if member.is_alias or not member.is_attribute or member.name.startswith("_"):
+            continue
+        annotation = str(member.annotation or "")
+        if not annotation or annotation.startswith("ClassVar") or "ClassVar[" in annotation:
+            continue
+        out.append(member)
+    return out
+
+
+def _split_prose(text: str, names: set[str]) -> tuple[list[str], dict[str, str]]:
+    """Split docstring text into the lines kept as prose and {field: description} for field lines."""
+    kept, found = [], {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        match = _FIELD_LINE.match(lines[i])
+        keys = [k.strip() for k in match["names"].split("/")] if match else []
+        if keys and all(k in names for k in keys) and match["names"].lower() not in _SECTION_WORDS:
+            description = [match["text"].strip()]
+            i += 1
+            while i < len(lines) and lines[i].startswith((" ", "\t")) and lines[i].strip():
+                description.append(lines[i].strip())
+                i += 1
+            desc = " ".join(description)
+            if len(keys) > 1:
+                desc = f"({' / '.join(keys)}) {desc}"
+            for key in keys:
+                found[key] = desc
+            continue
+        kept.append(lines[i])
+        i += 1
+    return kept, found
+
+
+def _escape_stars(text: str) -> str:
+    """`r*N` in prose would open markdown emphasis; code spans (between backticks) are left alone."""
+    parts = text.split("`")
+    return "`".join(p.replace("*", "\\*") if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
+def _one_line(value: str) -> str:
+    return " ".join(value.split())
+
+
+class ConfigFields(griffe.Extension):
+    def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
+        self._walk(pkg)
+
+    def _walk(self, obj) -> None:
+        for member in list(obj.members.values()):
+            if member.is_alias:
+                continue
+            if member.is_class:
+                if _is_dataclass(member):
+                    self._document(member)
+                self._walk(member)
+            elif member.is_module:
+                self._walk(member)
+
+    def _document(self, cls: griffe.Class) -> None:
+        fields = _fields(cls)
+        if not fields:
+            return
+        text = cls.docstring.value if cls.docstring else ""
+        kept, found = _split_prose(text, {f.name for f in fields})
+        rows = []
+        for field in fields:
+            desc = _escape_stars(found.get(field.name, ""))
+            default = field.value
+            default_text = f"Default: `{_one_line(str(default))}`." if default is not None else "Required."
+            desc = (desc + " " if desc else "") + default_text
+            rows.append(f"    {field.name} ({_one_line(str(field.annotation))}): {desc}")
+        body = "\n".join(kept).rstrip()
+        new = (body + "\n\n" if body else "") + "Attributes:\n" + "\n".join(rows)
+        if cls.docstring:
+            cls.docstring.value = new
+        else:
+            cls.docstring = griffe.Docstring(new, parent=cls)

@@ -1,0 +1,97 @@
+"""The examples in docs/ run: every fenced ```python block of docs/**/*.md is executed in a fresh
+namespace inside a temporary directory (tiny models built from configs, no downloads).
+
+A block is skipped only when the line before its fence is exactly `<!-- no-test -->` (examples that
+need a real model or data set, or minutes of CPU); their number is capped so skipping cannot spread.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankwise
+from rankwise.train.procedures import PROCEDURES
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SKIP_MARK = "<!-- no-test -->"
+MAX_SKIPPED = 12
+
+
+def python_blocks(path: Path) -> list[tuple[int, str, bool]]:
+    """(line number of the fence, code, skipped) for each ```python block of one markdown file."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start = i
+            previous = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            i += 1
+            body = []
+            while i < len(lines) and lines[i].strip() != "```":
+                body.append(lines[i])
+                i += 1
+            if i == len(lines):
+                raise AssertionError(f"{path}:{start + 1}: unclosed ```python block")
+            blocks.append((start + 1, "\n".join(body) + "\n", previous == SKIP_MARK))
+        i += 1
+    return blocks
+
+
+def all_blocks():
+    out = []
+    for path in sorted(DOCS.rglob("*.md")):
+        for line, code, skipped in python_blocks(path):
+            out.append((f"{path.relative_to(DOCS)}:{line}", code, skipped))
+    return out
+
+
+BLOCKS = all_blocks()
+
+
+@pytest.mark.parametrize("where,code", [(w, c) for w, c, s in BLOCKS if not s], ids=[w for w, c, s in BLOCKS if not s])
+def test_doc_example_runs(where, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace = {"__name__": "__docs_example__"}
+    exec(compile(code, where, "exec"), namespace)
+
+
+def test_collector_sees_fences_and_skip_marks(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("text\n\n```python\nx = 1\n```\n\n<!-- no-test -->\n```python\nraise SystemExit\n```\n"
+                    "```bash\nrankwise methods\n```\n")
+    assert python_blocks(page) == [(3, "x = 1\n", False), (8, "raise SystemExit\n", True)]
+    page.write_text("```python\nx = 1\n")
+    with pytest.raises(AssertionError, match="unclosed"):
+        python_blocks(page)
+
+
+def test_few_examples_are_skipped():
+    skipped = [w for w, c, s in BLOCKS if s]
+    assert len(BLOCKS) - len(skipped) >= 40, "the docs should carry runnable examples"
+    assert len(skipped) <= MAX_SKIPPED, f"too many untested examples ({len(skipped)}): {skipped}"
+
+
+def _page_checks(page: Path, directive: str):
+    assert page.exists(), f"missing docs page {page.relative_to(ROOT)}"
+    text = page.read_text(encoding="utf-8")
+    assert f"::: {directive}" in text, f"{page.name} does not render {directive} from its docstring"
+    assert re.search(r"https://arxiv\.org/abs/\d{4}\.\d{4,5}", text), f"{page.name} has no arXiv link"
+    assert any(not s for _, _, s in python_blocks(page)), f"{page.name} has no tested example"
+
+
+@pytest.mark.parametrize("method", [m.name for m in rankwise.list_methods()])
+def test_every_adapter_has_a_page(method):
+    info = rankwise.get_method(method)
+    page = DOCS / "methods" / f"{'miss' if method == 'bone' else method}.md"
+    _page_checks(page, f"{info.config_cls.__module__}.{info.config_cls.__name__}")
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURES))
+def test_every_procedure_has_a_page(name):
+    module, _, cls = PROCEDURES[name].cls_path.partition(":")
+    _page_checks(DOCS / "procedures" / f"{name}.md", f"{module}.{cls}")
