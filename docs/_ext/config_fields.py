@@ -13,7 +13,7 @@ import re
 
 import griffe
 
-_FIELD_LINE = re.compile(r"^(?P<names>[A-Za-z_]\w*(?:\s*/\s*[A-Za-z_]\w*)*)\s*:\s+(?P<text>\S.*)$")
+_FIELD_LINE = re.compile(r"^(?P<names>[A-Za-z_]\w*(?:\s*[/,]\s*[A-Za-z_]\w*)*)\s*:\s+(?P<text>\S.*)$")
 _SECTION_WORDS = {"args", "arguments", "parameters", "returns", "raises", "attributes", "example", "examples",
                   "note", "notes", "warning", "warnings", "yields", "see also", "references"}
 
@@ -41,7 +41,7 @@ def _split_prose(text: str, names: set[str]) -> tuple[list[str], dict[str, str]]
     i = 0
     while i < len(lines):
         match = _FIELD_LINE.match(lines[i])
-        keys = [k.strip() for k in match["names"].split("/")] if match else []
+        keys = [k.strip() for k in re.split(r"[/,]", match["names"])] if match else []
         if keys and all(k in names for k in keys) and match["names"].lower() not in _SECTION_WORDS:
             description = [match["text"].strip()]
             i += 1
