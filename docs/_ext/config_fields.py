@@ -59,6 +59,16 @@ def _split_prose(text: str, names: set[str]) -> tuple[list[str], dict[str, str]]
     return kept, found
 
 
+def _trailing_comment(field: griffe.Attribute) -> str:
+    """`x: int = 1  # why` -> "why" (fields documented by a comment on their own line of source)."""
+    try:
+        line = field.lines[0] if field.lines else ""
+    except Exception:  # no source available (compiled module)
+        return ""
+    code, sep, comment = line.partition("  #")
+    return comment.strip() if sep and ":" in code else ""
+
+
 def _escape_stars(text: str) -> str:
     """`r*N` in prose would open markdown emphasis; code spans (between backticks) are left alone."""
     parts = text.split("`")
@@ -71,34 +81,49 @@ def _one_line(value: str) -> str:
 
 class ConfigFields(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
-        self._walk(pkg)
+        classes = [c for c in self._classes(pkg) if _is_dataclass(c)]
+        # read every docstring before rewriting any: a subclass takes inherited fields' text from its bases
+        self.original = {c.path: (c.docstring.value if c.docstring else "") for c in classes}
+        for cls in classes:
+            self._document(cls)
 
-    def _walk(self, obj) -> None:
+    def _classes(self, obj):
         for member in list(obj.members.values()):
             if member.is_alias:
                 continue
             if member.is_class:
-                if _is_dataclass(member):
-                    self._document(member)
-                self._walk(member)
+                yield member
+                yield from self._classes(member)
             elif member.is_module:
-                self._walk(member)
+                yield from self._classes(member)
+
+    def _lineage(self, cls: griffe.Class) -> list[griffe.Class]:
+        """The dataclass bases first (field order of the generated __init__), then the class itself."""
+        try:
+            bases = [b for b in cls.mro() if isinstance(b, griffe.Class) and _is_dataclass(b)]
+        except Exception:  # unresolvable (external) bases: own fields only
+            bases = []
+        return list(reversed(bases)) + [cls]
 
     def _document(self, cls: griffe.Class) -> None:
-        fields = _fields(cls)
-        if not fields:
+        rows, seen = {}, set()
+        kept_prose = None
+        for owner in self._lineage(cls):
+            fields = _fields(owner)
+            text = self.original.get(owner.path, "")
+            kept, found = _split_prose(text, {f.name for f in fields})
+            if owner is cls:
+                kept_prose = kept
+            for field in fields:
+                desc = _escape_stars(found.get(field.name, "") or _trailing_comment(field))
+                default = field.value
+                default_text = f"Default: `{_one_line(str(default))}`." if default is not None else "Required."
+                desc = (desc + " " if desc else "") + default_text
+                rows[field.name] = f"    {field.name} ({_one_line(str(field.annotation))}): {desc}"
+        if not rows:
             return
-        text = cls.docstring.value if cls.docstring else ""
-        kept, found = _split_prose(text, {f.name for f in fields})
-        rows = []
-        for field in fields:
-            desc = _escape_stars(found.get(field.name, ""))
-            default = field.value
-            default_text = f"Default: `{_one_line(str(default))}`." if default is not None else "Required."
-            desc = (desc + " " if desc else "") + default_text
-            rows.append(f"    {field.name} ({_one_line(str(field.annotation))}): {desc}")
-        body = "\n".join(kept).rstrip()
-        new = (body + "\n\n" if body else "") + "Attributes:\n" + "\n".join(rows)
+        body = "\n".join(kept_prose or []).rstrip()
+        new = (body + "\n\n" if body else "") + "Attributes:\n" + "\n".join(rows.values())
         if cls.docstring:
             cls.docstring.value = new
         else:
