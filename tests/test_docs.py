@@ -7,6 +7,8 @@ need a real model or data set, or minutes of CPU); their number is capped so ski
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -56,8 +58,10 @@ BLOCKS = all_blocks()
 def test_doc_example_runs(where, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    namespace = {"__name__": "__docs_example__"}
-    exec(compile(code, where, "exec"), namespace)
+    # a real (fresh) module, as when the block is run as a script: dataclasses and pickling look classes up in sys.modules
+    module = types.ModuleType("__docs_example__")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, where, "exec"), module.__dict__)
 
 
 def test_collector_sees_fences_and_skip_marks(tmp_path):
