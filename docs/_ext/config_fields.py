@@ -118,6 +118,8 @@ class ConfigFields(griffe.Extension):
                 desc = _escape_stars(found.get(field.name, "") or _trailing_comment(field))
                 default = field.value
                 default_text = f"Default: `{_one_line(str(default))}`." if default is not None else "Required."
+                if desc and not desc.endswith((".", "!", "?")):
+                    desc += "."
                 desc = (desc + " " if desc else "") + default_text
                 rows[field.name] = f"    {field.name} ({_one_line(str(field.annotation))}): {desc}"
         if not rows:
@@ -127,4 +129,5 @@ class ConfigFields(griffe.Extension):
         if cls.docstring:
             cls.docstring.value = new
         else:
-            cls.docstring = griffe.Docstring(new, parent=cls)
+            cls.docstring = griffe.Docstring("", parent=cls, parser="google")
+            cls.docstring.value = new  # set after construction: the constructor's cleandoc would dedent the rows
