@@ -99,3 +99,42 @@ def test_every_adapter_has_a_page(method):
 def test_every_procedure_has_a_page(name):
     module, _, cls = PROCEDURES[name].cls_path.partition(":")
     _page_checks(DOCS / "procedures" / f"{name}.md", f"{module}.{cls}")
+
+
+@pytest.mark.parametrize("name", ["svd", "lord", "modegpt", "afm", "pela", "loram"])
+def test_every_compressor_has_a_page(name):
+    from rankwise.compress import get_method
+
+    config_cls, _ = get_method(name)
+    _page_checks(DOCS / "compress" / f"{name}.md", f"{config_cls.__module__}.{config_cls.__name__}")
+
+
+@pytest.mark.parametrize("page,directive", [
+    ("compress/welore.md", "rankwise.compress.welore.WeLoreConfig"),
+    ("optimizers/galore.md", "rankwise.optim.galore.GaLoreAdamW"),
+    ("optimizers/dct.md", "rankwise.optim.dct.DCTAdamW"),
+    ("pretrain/sltrain.md", "rankwise.pretrain.sltrain.SLTrainLinear"),
+    ("pretrain/lost.md", "rankwise.pretrain.lost.LOSTLinear"),
+    ("federated/lora-fair.md", "rankwise.federated.lora_fair.LoraFairStrategy"),
+    ("federated/baselines.md", "rankwise.federated.baselines.StackingStrategy"),
+    ("solvers/completion.md", "rankwise.solvers.completion.altmin_completion"),
+    ("solvers/sensing.md", "rankwise.solvers.sensing.matrix_sensing"),
+    ("solvers/subgm.md", "rankwise.solvers.subgm.subgm"),
+    ("solvers/streaming-eig.md", "rankwise.solvers.streaming_eig.streaming_top_eigenvector"),
+    ("layers/s4d.md", "rankwise.layers.s4d.S4D"),
+    ("analysis/spectra.md", "rankwise.analysis.spectra.spectrum"),
+    ("analysis/mnn.md", "rankwise.analysis.mnn.matrix_nuclear_norm"),
+    ("analysis/intrinsic-dim.md", "rankwise.analysis.intrinsic_dim.SubspaceModel"),
+])
+def test_every_other_method_has_a_page(page, directive):
+    module, _, name = directive.rpartition(".")
+    import importlib
+
+    assert hasattr(importlib.import_module(module), name), f"{directive} does not exist (renamed?)"
+    _page_checks(DOCS / page, directive)
+
+
+def test_every_page_is_in_the_nav():
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
+    assert [p for p in pages if p not in nav] == []
