@@ -6,6 +6,7 @@ need a real model or data set, or minutes of CPU); their number is capped so ski
 """
 from __future__ import annotations
 
+import ast
 import re
 import sys
 import types
@@ -138,3 +139,45 @@ def test_every_page_is_in_the_nav():
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
     assert [p for p in pages if p not in nav] == []
+
+
+def _rendered_fields():
+    """{config class path: docstring text} as the docs site renders it (griffe + docs/_ext/config_fields.py)."""
+    griffe = pytest.importorskip("griffe", reason="the docs extra (pip install -e '.[docs]') is not installed")
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        from config_fields import ConfigFields
+    finally:
+        sys.path.pop(0)
+    package = griffe.load("rankwise", search_paths=[str(ROOT)], extensions=griffe.load_extensions(ConfigFields()),
+                          docstring_parser="google")
+    return package
+
+
+def test_generated_config_tables_list_every_field_with_its_real_default():
+    import dataclasses
+
+    package = _rendered_fields()
+    configs = [info.config_cls for info in rankwise.list_methods()]
+    from rankwise.compress import get_method
+
+    configs += [get_method(name)[0] for name in ("svd", "lord", "modegpt", "afm", "pela", "loram")]
+    for cls in configs:
+        obj = package[cls.__module__.removeprefix("rankwise.") + "." + cls.__name__]
+        sections = {s.kind.value: s for s in obj.docstring.parse("google")}
+        assert "attributes" in sections, f"{cls.__name__}: no fields table"
+        rows = {a.name: a.description for a in sections["attributes"].value}
+        assert list(rows) == [f.name for f in dataclasses.fields(cls)], cls.__name__
+        for field in dataclasses.fields(cls):
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                continue
+            shown = re.search(r"Default: `(.*)`\.$", rows[field.name])
+            assert shown, f"{cls.__name__}.{field.name}: no default shown"
+            try:
+                assert ast.literal_eval(shown[1]) == value, f"{cls.__name__}.{field.name}: {shown[1]} != {value!r}"
+            except ValueError:  # a name or call (e.g. DECODER_TARGETS, list(LORA_TARGETS)): at least not a literal lie
+                assert not isinstance(value, (int, float, bool, str)) or value is None, f"{cls.__name__}.{field.name}: {shown[1]}"

@@ -27,8 +27,8 @@ def _fields(cls: griffe.Class) -> list[griffe.Attribute]:
     for member in cls.members.values():
         if member.is_alias or not member.is_attribute or member.name.startswith("_"):
             continue
-        annotation = str(member.annotation or "")
-        if not annotation or annotation.startswith("ClassVar") or "ClassVar[" in annotation:
+        # griffe strips `ClassVar[...]` from the annotation and labels such members class-attributes only
+        if not member.annotation or "instance-attribute" not in member.labels:
             continue
         out.append(member)
     return out
@@ -75,6 +75,20 @@ def _escape_stars(text: str) -> str:
     return "`".join(p.replace("*", "\\*") if i % 2 == 0 else p for i, p in enumerate(parts))
 
 
+def _default_text(value) -> str:
+    """The default as a reader would write it: `field(default_factory=dict)` -> `dict()`."""
+    text = _one_line(str(value))
+    match = re.fullmatch(r"(?:dataclasses\.)?field\((.*)\)", text)
+    if not match:
+        return text
+    args = match[1]
+    factory = re.search(r"default_factory\s*=\s*(lambda\s*:\s*)?(.+?)\s*(?:,\s*\w+\s*=|$)", args)
+    if factory:
+        return factory[2] if factory[1] else f"{factory[2]}()"
+    plain = re.search(r"(?<!_)default\s*=\s*(.+?)\s*(?:,\s*\w+\s*=|$)", args)
+    return plain[1] if plain else text
+
+
 def _one_line(value: str) -> str:
     return " ".join(value.split())
 
@@ -117,7 +131,7 @@ class ConfigFields(griffe.Extension):
             for field in fields:
                 desc = _escape_stars(found.get(field.name, "") or _trailing_comment(field))
                 default = field.value
-                default_text = f"Default: `{_one_line(str(default))}`." if default is not None else "Required."
+                default_text = f"Default: `{_default_text(default)}`." if default is not None else "Required."
                 if desc and not desc.endswith((".", "!", "?")):
                     desc += "."
                 desc = (desc + " " if desc else "") + default_text
