@@ -259,7 +259,12 @@ def train(
 
 
 def _run_eval(state: TrainState, evaluate, callbacks, metrics) -> None:
-    metrics_now = evaluate(state.model)
+    # Evaluation must not draw from the training RNG streams: a checkpoint saved just before it would
+    # otherwise resume with different dropout masks (e.g. an evaluate() that leaves dropout on).
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        metrics_now = evaluate(state.model)
+    random.setstate(python_state)
     record = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics_now.items()}}
     state.history.append(record)
     metrics.write(record)
