@@ -262,7 +262,8 @@ def _run_eval(state: TrainState, evaluate, callbacks, metrics) -> None:
     # Evaluation must not draw from the training RNG streams: a checkpoint saved just before it would
     # otherwise resume with different dropout masks (e.g. an evaluate() that leaves dropout on).
     python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    state.model.eval()  # evaluation sees the model as inference does (no dropout); train() is restored below
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         metrics_now = evaluate(state.model)
     random.setstate(python_state)
     record = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics_now.items()}}
