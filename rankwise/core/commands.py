@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune(
         method: str = typer.Option("lora", help="Registered method name (see `rankwise methods`)."),
-        rank: Optional[int] = typer.Option(8, help="Rank (the method's rank field); omit for rank-free methods with --rank 0."),
+        rank: Optional[int] = typer.Option(None, min=1, help="Rank (the method's rank field); default: the method's own default."),
         targets: str = typer.Option("query,key,value,dense", help="Comma-separated module names, a regex, or 'all-linear'."),
         option: list[str] = typer.Option([], "--option", "-o", help="Extra method field as key=value (JSON values), repeatable."),
         epochs: int = typer.Option(2, min=1),
