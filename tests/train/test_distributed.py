@@ -108,7 +108,7 @@ def tiny_model_dir(tmp_path_factory):
 def sentiment_csv(tmp_path_factory):
     rng = random.Random(0)
     lines = ["text,label"]
-    for _ in range(200):
+    for _ in range(400):
         label = rng.choice(["pos", "neg"])
         word = rng.choice(WORDS[:3] if label == "pos" else WORDS[3:6])
         filler = rng.sample(WORDS[6:], 3)
@@ -134,8 +134,8 @@ def test_cli_rejects_nonsense_nproc(tiny_model_dir, sentiment_csv, tmp_path):
 
 @pytest.mark.slow
 def test_cli_nproc_2_matches_nproc_1(tiny_model_dir, sentiment_csv, tmp_path):
-    args = ["finetune", "--method", "lora", "--rank", "4", "--targets", "query,value", "--epochs", "3", "--lr", "1e-2",
-            "--batch-size", "16", "--train-size", "150", "--test-size", "50", "--data", str(sentiment_csv),
+    args = ["finetune", "--method", "lora", "--rank", "4", "--targets", "query,value", "--epochs", "6", "--lr", "1e-2",
+            "--batch-size", "16", "--train-size", "300", "--test-size", "80", "--data", str(sentiment_csv),
             "--model", str(tiny_model_dir), "-o", "lora_alpha=8", "--threads", "1"]
     one = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "one")])
     two = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "two"), "--nproc", "2"])
@@ -145,8 +145,8 @@ def test_cli_nproc_2_matches_nproc_1(tiny_model_dir, sentiment_csv, tmp_path):
     assert _text(two).count("fine-tuned (after)") == 1
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert m2["processes"] == 2 and m1["processes"] == 1
-    assert m2["after"]["accuracy"] == pytest.approx(m1["after"]["accuracy"], abs=1 / 50)
-    assert m2["after"]["accuracy"] > m2["before"]["accuracy"]
+    assert m2["after"]["accuracy"] == pytest.approx(m1["after"]["accuracy"], abs=1 / 80)
+    assert m2["after"]["accuracy"] >= 0.9 > m2["before"]["accuracy"]
     w1, w2 = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
     assert set(w1) == set(w2)
     for key in w1:
