@@ -30,6 +30,7 @@ from rankwise.federated.task import HeadSpec, cached_features, load_features
 
 NAME = "federated_strategies"
 ALL = ("lora-fair", "fedit", "ffa-lora", "stacking")
+FLOOR = 1e-12
 
 
 def frobenius_check(strategies: dict) -> dict:
@@ -60,15 +61,14 @@ def plot(results: dict, path: Path, title: str) -> None:
     for name, run in sorted(results.items()):
         hist = run["history"]
         acc.plot([h["round"] for h in hist], [h["accuracy"] for h in hist], marker="o", markersize=3, label=f"{name} ({run['final_accuracy']:.3f})")
-        rows = [h for h in hist if "product_error" in h]
-        err.plot([h["round"] for h in rows], [h["product_error"] for h in rows], marker="o", markersize=3, label=name)
+        rows = [h for h in hist if "product_error" in h]  # exact aggregations sit at float rounding: floor for the log axis
+        err.plot([h["round"] for h in rows], [max(h["product_error"], FLOOR) for h in rows], marker="o", markersize=3, label=name)
         if name == "lora-fair":
             rows = [h for h in hist if "fedit_product_error" in h]
-            err.plot([h["round"] for h in rows], [h["fedit_product_error"] for h in rows], "k--", label="FedIT averaging of lora-fair's uploads")
+            err.plot([h["round"] for h in rows], [max(h["fedit_product_error"], FLOOR) for h in rows], "k--", label="FedIT averaging of lora-fair's uploads")
     acc.set(xlabel="round", ylabel="test accuracy (global model)", title=title)
     acc.legend(title="strategy (final)")
-    err.set(xlabel="round", ylabel="||applied - mean of B_k A_k||_F / ||mean||_F", yscale="symlog", title="aggregation error of the product")
-    err.set_yscale("symlog", linthresh=1e-6)
+    err.set(xlabel="round", ylabel="||applied - mean of B_k A_k||_F / ||mean||_F", yscale="log", title="aggregation error of the product (log)")
     err.legend(fontsize=8)
     for ax in (acc, err):
         ax.grid(alpha=0.3)

@@ -46,7 +46,8 @@ def normalise_weights(weights: Iterable[float]) -> list[float]:
 def short_reason(reason: str) -> str:
     """The client's own exception message out of Flower's wrapped Ray traceback."""
     found = re.findall(r"Message: (.*)", reason)
-    return (found[-1] if found else reason.strip().splitlines()[-1] if reason.strip() else "error")[:200]
+    # Flower wraps the message in the repr of its exception: drop the repr's closing quote and bracket
+    return (found[-1].rstrip("'\">").strip() if found else reason.strip().splitlines()[-1] if reason.strip() else "error")[:200]
 
 
 class LoraStrategy(FedAvg):
