@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import socket
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -213,6 +214,11 @@ class DataParallel:
             if sum(q.numel() for q in groups[-1]) + p.numel() > BUCKET_ELEMENTS and groups[-1]:
                 groups.append([])
             groups[-1].append(p)
+        # the flat buffers only line up if every rank holds the same tensors: compare a signature of the shapes
+        signature = zlib.crc32(repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode())
+        if len(set(self._all_gather_int(signature))) != 1:
+            raise DistributedError("the ranks' trainable tensors differ: a callback (e.g. a rank-growing procedure) decided "
+                                   "differently on different ranks, from rank-local statistics")
         flags = torch.tensor([float(p.grad is not None) for p in params] + [float(loss)], dtype=torch.float64, device=self.device)
         dist.all_reduce(flags)
         flags = flags.cpu()
@@ -232,11 +238,30 @@ class DataParallel:
                     offset += n
         return float(flags[-1]) / self.world_size
 
+    @torch.no_grad()
+    def average_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Average tensors over the ranks in place (for callbacks' statistics of this rank's rows)."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def all_reduce_sums(self, values: Sequence[float]) -> list[float]:
         """Sum numbers over the ranks (float64): evaluation counts and loss sums."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.cpu().tolist()
+
+    def _all_gather_int(self, value: int) -> list[int]:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        out = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        return [int(x) for x in out]
 
     def barrier(self) -> None:
         dist.barrier()

@@ -89,6 +89,8 @@ class TrainState:
     total_steps: int = 0     # optimizer steps the whole run will take
     batch_index: int = 0     # micro-batches of the current epoch already consumed
     config: TrainConfig | None = None
+    data_parallel: Any = None  # rankwise.train.distributed.DataParallel in a multi-process run: callbacks that
+                               # gather statistics from this rank's rows average them through it
 
 
 class LRFactor:
@@ -196,7 +198,7 @@ def train(
     steps_per_epoch = math.ceil(len(batches(0)) / config.grad_accum)
     total = steps_per_epoch * config.epochs
     optimizer, scheduler = build_optimizer(model, config, param_groups, total)
-    state = TrainState(model, optimizer, scheduler, total_steps=total, config=config)
+    state = TrainState(model, optimizer, scheduler, total_steps=total, config=config, data_parallel=data_parallel)
     if resume_from is not None:
         ckpt.load_checkpoint(ckpt.resolve(resume_from, output_dir), state, callbacks)
     dp = data_parallel

@@ -12,7 +12,7 @@ from rankwise.train.loop import TrainConfig, train
 VOCAB, SEQ = 30, 10
 
 
-def tiny_bert(seed: int = 0):
+def tiny_bert(seed: int = 0, rank: int = 4):
     """A 2-layer BERT classifier from a config, dropout off (so 1 and 2 processes can agree), with LoRA."""
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -20,7 +20,7 @@ def tiny_bert(seed: int = 0):
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
                      max_position_embeddings=SEQ, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     base = BertForSequenceClassification(cfg)
-    config = rankwise.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], modules_to_save=["classifier"])
+    config = rankwise.LoraConfig(r=rank, lora_alpha=8, target_modules=["query", "value", "dense"], modules_to_save=["classifier"])
     return rankwise.adapt(base, config)
 
 
@@ -51,13 +51,22 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 CONFIGS = {
     "plain": TrainConfig(epochs=2, lr=1e-2, seed=0),
     "accum2": TrainConfig(epochs=2, lr=1e-2, seed=0, grad_accum=2),
+    # a procedure that reads gradients and grows the adapter (new tensors, new optimizer groups) between steps
+    "increlora": TrainConfig(epochs=3, lr=1e-2, seed=0),
 }
 
 
 def run(config_name: str, data_parallel=None) -> tuple[dict[str, torch.Tensor], list[float]]:
-    model = tiny_bert()
+    callbacks = []
+    if config_name == "increlora":
+        from rankwise.train.increlora import IncreLoRA
+
+        model = tiny_bert(rank=1)
+        callbacks.append(IncreLoRA(model, target_total_rank=20, init_warmup=1, incre_interval=2, top_h=3, incre_rank_num=2, seed=0))
+    else:
+        model = tiny_bert()
     state = train(model, global_batches(), loss_fn, CONFIGS[config_name], param_groups=model.parameter_groups(CONFIGS[config_name].lr),
-                  progress=False, data_parallel=data_parallel)
+                  callbacks=callbacks, progress=False, data_parallel=data_parallel)
     return trainable_state(model), [h["loss"] for h in state.history if "loss" in h]
 
 
@@ -75,3 +84,15 @@ def data_parallel_worker(out_dir: str) -> None:
         save_file(weights, str(Path(out_dir) / f"{name}-rank{dp.rank}.safetensors"))
         if dp.is_main:
             (Path(out_dir) / f"{name}-losses.json").write_text(json.dumps(losses))
+
+
+def mismatched_worker() -> None:
+    """Ranks holding different trainable tensors (as a rank-local growth decision would leave them) must not reduce."""
+    import torch.distributed as dist
+
+    from rankwise.train.distributed import DataParallel
+
+    dp = DataParallel(dist.get_rank(), dist.get_world_size())
+    p = torch.nn.Parameter(torch.zeros(3 + dp.rank))
+    p.grad = torch.ones_like(p)
+    dp.sync_gradients([p], 0.0)

@@ -60,6 +60,7 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(two_process_
     single, single_losses = run(config_name)
     ranks = [load_file(str(two_process_run / f"{config_name}-rank{r}.safetensors")) for r in range(2)]
     assert set(ranks[0]) == set(single) and any("lora_A" in k for k in single) and any("classifier" in k for k in single)
+    assert {k: v.shape for k, v in ranks[0].items()} == {k: v.shape for k, v in single.items()}  # IncreLoRA grew alike
     for key, tensor in single.items():
         # the ranks hold bitwise the same weights (same averaged gradient, same optimizer)
         assert torch.equal(ranks[0][key], ranks[1][key]), key
@@ -81,6 +82,13 @@ def test_equality_is_not_vacuous():
 def test_a_failing_worker_is_reported():
     with pytest.raises(DistributedError, match="training process .* failed: .*No such file"):
         launch(data_parallel_worker, 2, args=("/nonexistent/dir/for/sure",), threads=1)
+
+
+def test_ranks_with_different_adapters_refuse_to_reduce():
+    from dist_workers import mismatched_worker
+
+    with pytest.raises(DistributedError, match="trainable tensors differ"):
+        launch(mismatched_worker, 2, threads=1)
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------
