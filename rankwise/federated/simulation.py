@@ -106,6 +106,17 @@ def client_data(run: FederatedRun, client: int) -> tuple[torch.Tensor, torch.Ten
     return data["train_x"][idx], data["train_y"][idx]
 
 
+def client_warm_up(run: FederatedRun, client: int) -> None:
+    """Read the features and pay the first-call costs (model build, first forward/backward) outside any round.
+
+    Touches no state a round uses: the model is thrown away and `build_model` restores the RNG it seeds.
+    """
+    torch.set_num_threads(1)
+    x, y = client_data(run, client)
+    model = build_model(run.head)
+    model(features=x[:8], labels=y[:8]).loss.backward()
+
+
 def client_round(run: FederatedRun, client: int, server_round: int, global_state: dict, train_A: bool) -> tuple[dict, dict]:
     """One client's work in one round: the pure function the ClientApp wraps (also used by tests)."""
     if run.fault and run.fault.client == client and run.fault.round == server_round:
@@ -131,7 +142,7 @@ def make_client_app(run: FederatedRun):
     def ready(msg, context):
         # the start-up handshake: import and read everything a training round needs, outside any round's timeout
         client = int(context.node_config["partition-id"])
-        client_data(run, client)
+        client_warm_up(run, client)
         return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": client})}), reply_to=msg)
 
     @app.train()
