@@ -107,9 +107,10 @@ def _worker(local_rank: int, fn: Callable, nproc: int, port: int, args: tuple, t
 def launch(fn: Callable, nproc: int, args: tuple = (), threads: int = 0) -> None:
     """Run `fn(*args)` in `nproc` fresh processes joined by a process group on this machine.
 
-    `fn` must be importable (a module-level function: processes are spawned, not forked, so CUDA and
-    Ray-free state is clean). `threads`: torch threads per process (0: cores // nproc, at least 1).
-    A worker's exception ends the run and is re-raised here as `DistributedError` with its traceback.
+    `fn` must be importable (a module-level function): the processes are spawned, not forked, so none
+    inherits CUDA or thread-pool state. `threads`: torch threads per process (0: cores // nproc, at least 1).
+    A worker's exception stops the others (torch's spawn terminates them, so none waits in a collective)
+    and is re-raised here as `DistributedError`, the full traceback in its `.traceback`.
     """
     import torch.multiprocessing as mp
 
