@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("runs/bench-federated"))
     parser.add_argument("--name", default=NAME, help="results file stem in bench/results (a smoke run uses another)")
+    parser.add_argument("--extra-seeds", default="", help="comma list: rerun every strategy with these federated seeds "
+                        "(client split, head init, client shuffles; the data split and features stay) for a spread")
+    parser.add_argument("--skip-existing", action="store_true", help="keep runs already in the results file with the same settings")
     args = parser.parse_args()
 
     data = load_text_classification(None, args.train_size, args.test_size, args.seed)
@@ -98,7 +101,12 @@ def main() -> None:
     path = RESULTS / f"{args.name}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     strategies = previous.get("strategies", {})
+    sweep: dict = previous.get("seed_sweep", {})
+    payload = previous
     for name in [s for s in args.strategies.split(",") if s]:
+        if args.skip_existing and name in strategies and strategies[name]["settings"]["seed"] == args.seed:
+            print(f"{name}: kept from {path.name}")
+            continue
         run = FederatedRun(features=str(features), strategy=name, clients=args.clients, rounds=args.rounds, alpha=args.alpha,
                            head=head, workers=args.workers, seed=args.seed)
         result = run_federated(run, args.output / name)
@@ -123,7 +131,36 @@ def main() -> None:
         }
         write_json(args.name, payload)
         plot(strategies, RESULTS / f"{args.name}.png", f"{args.clients} clients, Dirichlet alpha={args.alpha}, rank {head.rank}, {args.rounds} rounds")
-    print(json.dumps({k: payload[k] for k in ("final_accuracy", "frobenius_check")}, indent=2))
+    for seed in [int(s) for s in args.extra_seeds.split(",") if s]:
+        seed_head = HeadSpec(**{**head.__dict__, "seed": seed})
+        for name in [s for s in args.strategies.split(",") if s]:
+            if args.skip_existing and name in sweep.get(str(seed), {}):
+                continue
+            run = FederatedRun(features=str(features), strategy=name, clients=args.clients, rounds=args.rounds, alpha=args.alpha,
+                               head=seed_head, workers=args.workers, seed=seed)
+            history = run_federated(run, args.output / f"seed{seed}" / name)["history"]
+            row = {"final_accuracy": history[-1]["accuracy"], "best_accuracy": max(h["accuracy"] for h in history)}
+            if name == "lora-fair":
+                row["frobenius_check"] = frobenius_check({"lora-fair": {"history": history}})
+            sweep.setdefault(str(seed), {})[name] = row
+            print(f"seed {seed} {name}: final accuracy {row['final_accuracy']:.4f}", flush=True)
+            payload["seed_sweep"] = sweep
+            payload["seed_summary"] = seed_summary(strategies, sweep)
+            write_json(args.name, payload)
+    print(json.dumps({k: payload.get(k) for k in ("final_accuracy", "frobenius_check", "seed_summary")}, indent=2))
+
+
+def seed_summary(strategies: dict, sweep: dict) -> dict:
+    """Final accuracy over the primary seed and the extra seeds: mean, std, min, max per strategy."""
+    out = {}
+    for name, run in sorted(strategies.items()):
+        finals = [run["final_accuracy"]] + [rows[name]["final_accuracy"] for rows in sweep.values() if name in rows]
+        out[name] = {"seeds": len(finals), "mean": statistics.mean(finals), "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                     "min": min(finals), "max": max(finals)}
+    fair = [rows["lora-fair"]["frobenius_check"] for rows in sweep.values() if "lora-fair" in rows]
+    if fair:
+        out["lora_fair_closer_rounds"] = [f["rounds_lora_fair_closer"] for f in fair]
+    return out
 
 
 if __name__ == "__main__":
