@@ -56,3 +56,10 @@ def combine(target: Path, sources: list[Path], title: str, metric: str = "perple
             target.write_text(json.dumps(data, indent=2))
     plot(data, target.with_suffix(".png"), metric=metric, title=title)
     return data
+
+
+def existing_rows(path: Path) -> set[tuple]:
+    """(method, variant, ratio) keys already in a results file, so an interrupted benchmark can resume."""
+    if not path.exists():
+        return set()
+    return {(r["method"], r["variant"], r["ratio"]) for r in json.loads(path.read_text())["runs"]}

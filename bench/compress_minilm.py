@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _compress_results import merge_results, plot  # bench/ is on sys.path when run as a script
+from _compress_results import existing_rows, merge_results, plot  # bench/ is on sys.path when run as a script
 from rankwise.compress import get_method
 from rankwise.compress.evaluate import cpu_latency_ms, embedding_cosine, mean_pooled_embeddings
 from rankwise.data.offline_assets import minilm_dir
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.5])
     parser.add_argument("--option", nargs="*", default=[])
     parser.add_argument("--variant", default="")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="resume: skip (method, variant, ratio) rows already in the results JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
@@ -67,6 +69,9 @@ def main() -> None:
     for method in args.methods:
         config_cls, run = get_method(method)
         for ratio in args.ratios:
+            if args.skip_existing and (method, args.variant, ratio) in existing_rows(RESULTS / "compress_minilm.json"):
+                print(f"skip {method} {args.variant!r} {ratio}: already measured", flush=True)
+                continue
             model = copy.deepcopy(base)
             start = time.perf_counter()
             model, report = run(model, config_cls(ratio=ratio, **options), calibration)
