@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from rankwise.compress._common import (CompressConfig, CompressionReport, ReportBuilder, block_hidden, blockwise,
                                        capture_block_inputs, check_calibration, find_blocks, get_module, moment_hooks,
+                                       real_rows, token_masks,
                                        run_block, with_hidden)
 from rankwise.compress.serialize import register_module_kind
 from rankwise.core.errors import ConfigError, TargetError, check_field
@@ -254,14 +255,15 @@ def _block_parts(block: nn.Module) -> _Parts:
 
 
 def block_influence(model: nn.Module, batches: list) -> torch.Tensor:
-    """s_l = 1 - mean over tokens of cos(block input, block output), one pass over the original model."""
+    """s_l = 1 - mean over (unpadded) tokens of cos(block input, block output), one pass over the original model."""
     blocks = find_blocks(model)[1]
     inputs = capture_block_inputs(model, blocks[0], batches)
+    masks = token_masks(batches) or [None] * len(inputs)
     scores = []
     for block in blocks:
         outs = run_block(block, inputs)
-        cos = [F.cosine_similarity(block_hidden(a, k).double(), o.double(), dim=-1).flatten()
-               for (a, k), o in zip(inputs, outs)]
+        cos = [F.cosine_similarity(real_rows(block_hidden(a, k), m).double(), real_rows(o, m).double(), dim=-1)
+               for (a, k), o, m in zip(inputs, outs, masks)]
         scores.append(1 - float(torch.cat(cos).mean()))
         inputs = [with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
     return torch.tensor(scores, dtype=torch.float64)
@@ -381,10 +383,11 @@ def compress(model: nn.Module, config: ModeGPTConfig, calibration) -> tuple[nn.M
     else:
         phis = torch.full((len(blocks),), mean_sparsity, dtype=torch.float64)
     builder.report.extra["layer_sparsity"] = phis.tolist()
+    masks = token_masks(batches)
     for index, block, inputs in blockwise(model, batches, "modegpt: blocks"):
         keep = 1.0 - float(phis[index])
         parts = _block_parts(block)
-        stats, remove = moment_hooks({"attn": parts.get("q"), "mlp": parts.get("down")}, side="input")
+        stats, remove = moment_hooks({"attn": parts.get("q"), "mlp": parts.get("down")}, side="input", masks=masks)
         try:
             run_block(block, inputs)
         finally:
