@@ -5,9 +5,9 @@ pooling) to the original's on 500 held-out tweets, and (2) test accuracy of a lo
 probe trained on each model's own embeddings of 1000 tweets (3-class sentiment, the embedded
 classification task; the original model's probe is the reference). Calibration = 256 other tweets.
 Every encoder linear (query/key/value/attention output/intermediate/output, 36 layers) is compressed.
-MoDeGPT is not run here: it supports Llama-style blocks only.
+MoDeGPT runs on the BERT blocks (no RoPE, biases carried). Calibration statistics skip padded positions.
 
-    PYTHONPATH=. python bench/compress_minilm.py --methods svd lord afm --ratios 0.9 0.8 0.7 0.5
+    PYTHONPATH=. python bench/compress_minilm.py --methods svd lord afm modegpt pela --ratios 0.9 0.8 0.7 0.5
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", nargs="+", default=["svd", "lord", "afm"])
+    parser.add_argument("--methods", nargs="+", default=["svd", "lord", "afm", "modegpt", "pela"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.5])
     parser.add_argument("--option", nargs="*", default=[])
     parser.add_argument("--variant", default="")

@@ -32,7 +32,7 @@ def load_base():
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", nargs="+", default=["svd", "lord", "afm", "modegpt"])
+    parser.add_argument("--methods", nargs="+", default=["svd", "lord", "afm", "modegpt", "pela"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.5])
     parser.add_argument("--option", nargs="*", default=[], help="KEY=JSON applied to every method config")
     parser.add_argument("--variant", default="")
