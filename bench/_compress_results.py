@@ -63,3 +63,52 @@ def existing_rows(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
     return {(r["method"], r["variant"], r["ratio"]) for r in json.loads(path.read_text())["runs"]}
+
+
+def markdown_table(data: dict, metrics: list[str], title: str) -> str:
+    """Method x ratio table of the given metrics plus parameters and latency, with plain SVD's row first.
+
+    The last column says, per metric, whether the row beats plain SVD at the same target ratio (lower
+    perplexity, higher cosine/accuracy/AUC), so the issue's target can be read off directly.
+    """
+    lower_better = {"perplexity"}
+    runs = data["runs"]
+    svd = {r["ratio"]: r for r in runs if r["method"] == "svd" and not r["variant"]}
+    meta = data["meta"]
+    lines = [f"# {title}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
+    lines += ["", "| method | target ratio | measured ratio | " + " | ".join(metrics)
+              + " | params after | latency ms | compress s | beats SVD |",
+              "|---|---|---|" + "---|" * len(metrics) + "---|---|---|---|"]
+    order = {"svd": 0, "lord": 1, "modegpt": 2, "afm": 3, "pela": 4}
+    for r in sorted(runs, key=lambda r: (order.get(r["method"], 9), r["variant"], -r["ratio"])):
+        label = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+        cells = []
+        for m in metrics:
+            v = r.get(m)
+            cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        base = svd.get(r["ratio"])
+        if r["method"] == "svd" and not r["variant"]:
+            verdict = "(baseline)"
+        elif base is None:
+            verdict = "no SVD row"
+        else:
+            verdict = " / ".join(
+                "yes" if (r[m] < base[m] if m in lower_better else r[m] > base[m]) else "**no**" for m in metrics)
+        lines.append(f"| {label} | {r['ratio']} | {r['measured_ratio']:.3f} | " + " | ".join(cells)
+                     + f" | {r['params_after']:,} | {r['latency_ms']:.0f} | {r.get('compress_seconds', 0):.0f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python bench/_compress_results.py NAME METRIC... : write bench/results/NAME.md from NAME.json
+    name, metrics = sys.argv[1], sys.argv[2:]
+    results = Path(__file__).parent / "results"
+    data = json.loads((results / f"{name}.json").read_text())
+    text = markdown_table(data, metrics, data["meta"].get("model", name))
+    tmp = results / f"{name}.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, results / f"{name}.md")
+    print(text)
