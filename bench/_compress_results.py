@@ -77,9 +77,12 @@ def markdown_table(data: dict, metrics: list[str], title: str) -> str:
     meta = data["meta"]
     lines = [f"# {title}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
+    labels = meta.get("test_labels")
+    paired = labels is not None and any("probe_predictions" in r for r in runs)
     lines += ["", "| method | target ratio | measured ratio | " + " | ".join(metrics)
+              + (" | probe acc. − SVD's, paired 95% CI" if paired else "")
               + " | params after | latency ms | compress s | beats SVD |",
-              "|---|---|---|" + "---|" * len(metrics) + "---|---|---|---|"]
+              "|---|---|---|" + "---|" * (len(metrics) + paired) + "---|---|---|---|"]
     order = {"svd": 0, "lord": 1, "modegpt": 2, "afm": 3, "pela": 4}
     for r in sorted(runs, key=lambda r: (order.get(r["method"], 9), r["variant"], -r["ratio"])):
         label = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
@@ -88,6 +91,8 @@ def markdown_table(data: dict, metrics: list[str], title: str) -> str:
             v = r.get(m)
             cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
         base = svd.get(r["ratio"])
+        if paired:
+            cells.append(_paired_difference(r, base, labels) if base is not None and base is not r else "-")
         if r["method"] == "svd" and not r["variant"]:
             verdict = "(baseline)"
         elif base is None:
@@ -98,6 +103,19 @@ def markdown_table(data: dict, metrics: list[str], title: str) -> str:
         lines.append(f"| {label} | {r['ratio']} | {r['measured_ratio']:.3f} | " + " | ".join(cells)
                      + f" | {r['params_after']:,} | {r['latency_ms']:.0f} | {r.get('compress_seconds', 0):.0f} | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired_difference(run: dict, baseline: dict, labels: str) -> str:
+    """Accuracy difference on the same test items with a normal-approximation 95% interval of the paired mean."""
+    a, b = run.get("probe_predictions"), baseline.get("probe_predictions")
+    if not a or not b or len(a) != len(labels) or len(b) != len(labels):
+        return "-"
+    d = [(x == y) - (z == y) for x, z, y in zip(a, b, labels)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
+    half = 1.96 * sd / n ** 0.5
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
 if __name__ == "__main__":
