@@ -98,11 +98,17 @@ def markdown_table(data: dict, metrics: list[str], title: str) -> str:
         elif base is None:
             verdict = "no SVD row"
         else:
-            verdict = " / ".join(
-                "yes" if (r[m] < base[m] if m in lower_better else r[m] > base[m]) else "**no**" for m in metrics)
+            verdict = " / ".join(_verdict(r[m], base[m], m in lower_better) for m in metrics)
         lines.append(f"| {label} | {r['ratio']} | {r['measured_ratio']:.3f} | " + " | ".join(cells)
                      + f" | {r['params_after']:,} | {r['latency_ms']:.0f} | {r.get('compress_seconds', 0):.0f} | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(value: float, baseline: float, lower_better: bool) -> str:
+    # LoRD's uniform split is SVD up to float rounding: call a 0.1% difference a tie, not a win
+    if abs(value - baseline) <= 1e-3 * max(abs(baseline), 1e-12):
+        return "tie"
+    return "yes" if (value < baseline if lower_better else value > baseline) else "**no**"
 
 
 def _paired_difference(run: dict, baseline: dict, labels: str) -> str:
