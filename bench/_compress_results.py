@@ -30,10 +30,13 @@ def plot(data: dict, png: Path, metric: str = "perplexity", title: str = "") -> 
     for run in data["runs"]:
         label = run["method"] + (f" ({run['variant']})" if run["variant"] else "")
         series.setdefault(label, []).append((run["measured_ratio"], run[metric]))
-    for label, points in sorted(series.items()):
+    markers = "osD^vP*X"
+    for i, (label, points) in enumerate(sorted(series.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
-                linestyle="--" if label.startswith("svd") else "-")
+        # distinct markers and a thick dashed SVD line: LoRD's uniform split sits exactly on SVD's curve
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=label,
+                linestyle="--" if label.startswith("svd") else "-", linewidth=3 if label.startswith("svd") else 1.5,
+                markersize=9 if label.startswith("svd") else 6, zorder=1 if label.startswith("svd") else 2)
     if "base" in data["meta"]:
         ax.axhline(data["meta"]["base"], color="gray", linewidth=0.8, label="uncompressed")
     ax.set_xlabel("parameters kept in the compressed layers")
