@@ -130,11 +130,12 @@ def _paired_difference(run: dict, baseline: dict, labels: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    # python bench/_compress_results.py NAME METRIC... : write bench/results/NAME.md from NAME.json
-    name, metrics = sys.argv[1], sys.argv[2:]
+    # python bench/_compress_results.py NAME TITLE METRIC... : write NAME.md and re-plot NAME.png (first metric)
+    name, title, metrics = sys.argv[1], sys.argv[2], sys.argv[3:]
     results = Path(__file__).parent / "results"
     data = json.loads((results / f"{name}.json").read_text())
-    text = markdown_table(data, metrics, data["meta"].get("model", name))
+    text = markdown_table(data, metrics, title)
+    plot(data, results / f"{name}.png", metric=metrics[0], title=title)
     tmp = results / f"{name}.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, results / f"{name}.md")
