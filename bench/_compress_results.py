@@ -101,7 +101,8 @@ def markdown_table(data: dict, metrics: list[str], title: str) -> str:
         elif base is None:
             verdict = "no SVD row"
         else:
-            verdict = " / ".join(_verdict(r[m], base[m], m in lower_better) for m in metrics)
+            verdict = " / ".join(_paired_verdict(r, base, labels) if m == "probe_accuracy" and paired
+                                 else _verdict(r[m], base[m], m in lower_better) for m in metrics)
         lines.append(f"| {label} | {r['ratio']} | {r['measured_ratio']:.3f} | " + " | ".join(cells)
                      + f" | {r['params_after']:,} | {r['latency_ms']:.0f} | {r.get('compress_seconds', 0):.0f} | {verdict} |")
     return "\n".join(lines) + "\n"
@@ -112,6 +113,15 @@ def _verdict(value: float, baseline: float, lower_better: bool) -> str:
     if abs(value - baseline) <= 1e-3 * max(abs(baseline), 1e-12):
         return "tie"
     return "yes" if (value < baseline if lower_better else value > baseline) else "**no**"
+
+
+def _paired_verdict(run: dict, baseline: dict, labels: str) -> str:
+    """yes/no only when the paired 95% interval of the accuracy difference excludes 0, else "n.s."."""
+    text = _paired_difference(run, baseline, labels)
+    if text == "-":
+        return _verdict(run["probe_accuracy"], baseline["probe_accuracy"], False)
+    low, high = (float(v) for v in text.split("[")[1].rstrip("]").split(","))
+    return "yes" if low > 0 else "**no**" if high < 0 else "n.s."
 
 
 def _paired_difference(run: dict, baseline: dict, labels: str) -> str:
