@@ -81,28 +81,31 @@ def markdown_table(data: dict, metrics: list[str], title: str) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
     labels = meta.get("test_labels")
-    paired = labels is not None and any("probe_predictions" in r for r in runs)
+    # accuracy metrics whose per-tweet predictions were kept: compared with SVD's on the same tweets
+    paired = [m for m in metrics if labels is not None and m.endswith("accuracy")
+              and any(m.replace("accuracy", "predictions") in r for r in runs)]
     lines += ["", "| method | target ratio | measured ratio | " + " | ".join(metrics)
-              + (" | probe acc. − SVD's, paired 95% CI" if paired else "")
+              + "".join(f" | {m} − SVD's (paired 95% CI)" for m in paired)
               + " | params after | latency ms | compress s | beats SVD |",
-              "|---|---|---|" + "---|" * (len(metrics) + paired) + "---|---|---|---|"]
+              "|---|---|---|" + "---|" * (len(metrics) + len(paired)) + "---|---|---|---|"]
     order = {"svd": 0, "lord": 1, "modegpt": 2, "afm": 3, "pela": 4}
     for r in sorted(runs, key=lambda r: (order.get(r["method"], 9), r["variant"], -r["ratio"])):
         label = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
         cells = []
         for m in metrics:
-            v = r.get(m)
+            v = r.get(m)  # rows from an older run may lack a newer metric
             cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
         base = svd.get(r["ratio"])
-        if paired:
-            cells.append(_paired_difference(r, base, labels) if base is not None and base is not r else "-")
+        for m in paired:
+            cells.append(_paired_difference(r, base, labels, m) if base is not None and base is not r else "-")
         if r["method"] == "svd" and not r["variant"]:
             verdict = "(baseline)"
         elif base is None:
             verdict = "no SVD row"
         else:
-            verdict = " / ".join(_paired_verdict(r, base, labels) if m == "probe_accuracy" and paired
-                                 else _verdict(r[m], base[m], m in lower_better) for m in metrics)
+            verdict = " / ".join(_paired_verdict(r, base, labels, m) if m in paired
+                                 else _verdict(r[m], base[m], m in lower_better) if m in r and m in base else "-"
+                                 for m in metrics)
         lines.append(f"| {label} | {r['ratio']} | {r['measured_ratio']:.3f} | " + " | ".join(cells)
                      + f" | {r['params_after']:,} | {r['latency_ms']:.0f} | {r.get('compress_seconds', 0):.0f} | {verdict} |")
     return "\n".join(lines) + "\n"
@@ -115,18 +118,19 @@ def _verdict(value: float, baseline: float, lower_better: bool) -> str:
     return "yes" if (value < baseline if lower_better else value > baseline) else "**no**"
 
 
-def _paired_verdict(run: dict, baseline: dict, labels: str) -> str:
+def _paired_verdict(run: dict, baseline: dict, labels: str, metric: str) -> str:
     """yes/no only when the paired 95% interval of the accuracy difference excludes 0, else "n.s."."""
-    text = _paired_difference(run, baseline, labels)
+    text = _paired_difference(run, baseline, labels, metric)
     if text == "-":
-        return _verdict(run["probe_accuracy"], baseline["probe_accuracy"], False)
+        return _verdict(run[metric], baseline[metric], False) if metric in run and metric in baseline else "-"
     low, high = (float(v) for v in text.split("[")[1].rstrip("]").split(","))
     return "yes" if low > 0 else "**no**" if high < 0 else "n.s."
 
 
-def _paired_difference(run: dict, baseline: dict, labels: str) -> str:
+def _paired_difference(run: dict, baseline: dict, labels: str, metric: str = "probe_accuracy") -> str:
     """Accuracy difference on the same test items with a normal-approximation 95% interval of the paired mean."""
-    a, b = run.get("probe_predictions"), baseline.get("probe_predictions")
+    key = metric.replace("accuracy", "predictions")
+    a, b = run.get(key), baseline.get(key)
     if not a or not b or len(a) != len(labels) or len(b) != len(labels):
         return "-"
     d = [(x == y) - (z == y) for x, z, y in zip(a, b, labels)]

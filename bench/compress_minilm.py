@@ -3,7 +3,9 @@
 Quality = (1) mean cosine similarity of the compressed model's sentence embeddings (masked mean
 pooling) to the original's on 500 held-out tweets, and (2) test accuracy of a logistic-regression
 probe trained on each model's own embeddings of 1000 tweets (3-class sentiment, the embedded
-classification task; the original model's probe is the reference). Calibration = 256 other tweets.
+classification task; the original model's probe is the reference), and (3) the accuracy of the
+*original* model's probe applied unchanged to the compressed model's embeddings ("frozen probe": can the
+compressed encoder replace the original under an existing classifier?). Calibration = 256 other tweets.
 Every encoder linear (query/key/value/attention output/intermediate/output, 36 layers) is compressed.
 MoDeGPT runs on the BERT blocks (no RoPE, biases carried). Calibration statistics skip padded positions.
 
@@ -33,11 +35,15 @@ def batches(tokenizer, texts, size=32):
             for i in range(0, len(texts), size)]
 
 
-def probe_predictions(train_x, train_y, test_x) -> list[int]:
+def fit_probe(train_x, train_y):
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(max_iter=2000).fit(train_x.numpy(), train_y)
-    return [int(p) for p in clf.predict(test_x.numpy())]
+    return LogisticRegression(max_iter=2000).fit(train_x.numpy(), train_y)
+
+
+def probe_predictions(train_x, train_y, test_x, probe=None) -> list[int]:
+    probe = probe if probe is not None else fit_probe(train_x, train_y)
+    return [int(p) for p in probe.predict(test_x.numpy())]
 
 
 def accuracy(predictions: list[int], labels: list[int]) -> float:
@@ -69,7 +75,8 @@ def main() -> None:
     train_b, test_b = batches(tokenizer, data.train_texts[:n_train]), batches(tokenizer, data.test_texts)
     train_y, test_y = data.train_labels[:n_train], data.test_labels
     ref_train, ref_test = mean_pooled_embeddings(base, train_b), mean_pooled_embeddings(base, test_b)
-    base_acc = accuracy(probe_predictions(ref_train, train_y, ref_test), test_y)
+    base_probe = fit_probe(ref_train, train_y)
+    base_acc = accuracy(probe_predictions(ref_train, train_y, ref_test, base_probe), test_y)
     meta = {"model": "all-MiniLM-L6-v2", "data": data.summary(), "base": 1.0, "base_probe_accuracy": base_acc,
             "probe": f"logistic regression on {n_train} tweets' embeddings, accuracy on the {len(test_y)} held-out "
                      "tweets (binomial s.e. ~" f"{(base_acc * (1 - base_acc) / len(test_y)) ** 0.5:.3f})",
@@ -89,15 +96,18 @@ def main() -> None:
             seconds = time.perf_counter() - start
             emb_train, emb_test = mean_pooled_embeddings(model, train_b), mean_pooled_embeddings(model, test_b)
             predictions = probe_predictions(emb_train, train_y, emb_test)
+            frozen = probe_predictions(None, None, emb_test, base_probe)
             row = {"method": method, "variant": args.variant, "ratio": ratio, "measured_ratio": report.compressed_ratio,
                    "cosine": embedding_cosine(ref_test, emb_test),
                    "probe_accuracy": accuracy(predictions, test_y),
                    # kept so the table can compare methods on the same tweets (paired), not just by two noisy rates
                    "probe_predictions": "".join(str(p) for p in predictions),
+                   "frozen_probe_accuracy": accuracy(frozen, test_y),
+                   "frozen_probe_predictions": "".join(str(p) for p in frozen),
                    "params_after": report.params_after, "params_before": report.params_before,
                    "latency_ms": cpu_latency_ms(model, test_b[0], repeats=3), "compress_seconds": seconds,
                    "options": options}
-            print(json.dumps({k: v for k, v in row.items() if k != "probe_predictions"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if not k.endswith("_predictions")}), flush=True)
             data_out = merge_results(RESULTS / f"{args.results}.json", [row], meta)
             plot(data_out, RESULTS / f"{args.results}.png", metric="cosine",
                  title="all-MiniLM-L6-v2: embedding cosine to the original (held-out tweets)")
