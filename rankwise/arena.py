@@ -450,8 +450,7 @@ def register(app) -> None:
         threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     ) -> None:
         """Run every adapter method (and PEFT's where it exists) on one task with an equal budget; table, JSON, PNGs."""
-        from rich.console import Console
-
+        from rankwise.core.console import print_error
         from rankwise.core.errors import RankwiseError
 
         if threads:
@@ -465,7 +464,7 @@ def register(app) -> None:
         try:
             run_arena(spec, output, fresh=fresh)
         except RankwiseError as err:
-            Console().print(f"[red]error:[/red] {err}")
+            print_error(err)
             raise typer.Exit(2) from None
 
     app.add_typer(bench, name="bench")

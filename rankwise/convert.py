@@ -257,10 +257,11 @@ def register(app) -> None:
         output: Optional[Path] = typer.Option(None, help="Output directory (default: ADAPTER_DIR-lora)."),
     ) -> None:
         """Export any adapter as a PEFT LoRA by truncated SVD of each layer's update; report errors."""
+        from rankwise.core.console import print_error
         from rankwise.core.errors import RankwiseError
 
         if to != "lora":
-            console.print(f"[red]error:[/red] --to {to!r} is not supported: only 'lora'")
+            print_error(f"--to {to!r} is not supported: only 'lora'", console)
             raise typer.Exit(2)
         out_dir = output or adapter_dir.with_name(adapter_dir.name + "-lora")
         try:
@@ -270,7 +271,7 @@ def register(app) -> None:
                 report = convert_adapter(base, adapter_dir, out_dir, rank_value, tol, sample_token_inputs(base, tokenizer),
                                          progress=lambda name: status.update(f"[bold]SVD of {name}"))
         except RankwiseError as err:
-            console.print(f"[red]error:[/red] {err}")
+            print_error(err, console)
             raise typer.Exit(2) from None
         table = Table(title=f"{report.source_method} -> LoRA ({report.rank_mode} rank{'' if tol is None else f', tol {tol}'})")
         for col in ("layer", "kind", "shape", "rank", "relative error"):

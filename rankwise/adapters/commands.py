@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from rankwise.core.console import print_error
 from rankwise.core.errors import RankwiseError
 
 
@@ -23,6 +24,6 @@ def register(app: typer.Typer) -> None:
         try:
             report = compose(content, style, output)
         except RankwiseError as err:
-            console.print(f"[red]error:[/red] {err}")
+            print_error(err, console)
             raise typer.Exit(code=1) from None
         console.print(f"composed {report['layers']} layers (rank {report['rank']}) into [bold]{report['output']}[/bold]")

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from rankwise.core.console import print_error
 from rankwise.core.errors import RankwiseError
 
 console = Console()
@@ -16,7 +17,7 @@ eval_app = typer.Typer(help="Evaluate models with low-rank metrics.", no_args_is
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
+    print_error(error, console)
     raise typer.Exit(2) from error
 
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 
+from rankwise.core.console import print_error
 from rankwise.core.errors import ConfigError, RankwiseError, ShapeError
 
 MODEL_ALIASES = ("smollm2", "minilm")
@@ -163,10 +164,10 @@ def compress_command(
             tokenizer.save_pretrained(str(out))
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
     except RankwiseError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(exc, console)
         raise typer.Exit(2)
     except (ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(exc, console)
         raise typer.Exit(2)
     table = Table(title=f"rankwise compress: {method} at ratio {ratio}")
     table.add_column("")

@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
         """Fine-tune a text classifier with an adapter; evaluate before and after; save adapter, metrics, plot."""
         import torch
 
+        from rankwise.core.console import print_error
         from rankwise.core.errors import ConfigError, RankwiseError
         from rankwise.data.text import load_text_classification
         from rankwise.train import distributed
@@ -121,7 +122,7 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[bold]{dataset.summary()}[/bold]")
                 metrics = finetune_classifier(dataset, spec, output, model_path=model)
         except RankwiseError as err:
-            console.print(f"[red]error:[/red] {err}")
+            print_error(err, console)
             raise typer.Exit(2) from None
         _report(metrics, output)
 

@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
     ) -> None:
         """Federated LoRA on a Flower simulation: per-round accuracy JSON and a plot comparing strategies."""
+        from rankwise.core.console import print_error
         from rankwise.core.errors import RankwiseError
         from rankwise.federated import report
         from rankwise.federated.simulation import FaultSpec, FederatedRun, run_federated
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
                     result = run_federated(run, output / run.strategy, resume=resume, on_round=advance)
                 results = report.record_result(output, run.strategy, run.fingerprint(), result)
         except RankwiseError as err:
-            console.print(f"[red]error:[/red] {err}")
+            print_error(err, console)
             raise typer.Exit(2) from None
         split = "IID" if iid else f"Dirichlet alpha={alpha}"
         report.plot_comparison(results, output / report.PLOT_NAME, f"{clients} clients, {split}, rank {rank}")

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from rankwise.core.console import print_error
         from rankwise.core.errors import RankwiseError
         from rankwise.pretrain.recipe import PretrainConfig, pretrain
 
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
                                     gamma=gamma, per_layer=per_layer, eval_every=eval_every, seed=seed)
             metrics = pretrain(config, out, show_progress=not quiet)
         except RankwiseError as error:
-            console.print(f"[red]error:[/red] {error}")
+            print_error(error, console)
             raise typer.Exit(code=2) from error
         table = Table(title=f"pretrain {method} on {corpus}")
         table.add_column("metric")
@@ -78,6 +79,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from rankwise.core.console import print_error
         from rankwise.core.errors import RankwiseError
         from rankwise.pretrain.welore_run import welore_on_run
 
@@ -87,7 +89,7 @@ def register(app: typer.Typer) -> None:
             targets = tuple(float(t) for t in sweep.split(",") if t.strip())
             result = welore_on_run(run, out_dir, targets, target, min_ratio, finetune_steps, lr)
         except (RankwiseError, ValueError) as error:
-            console.print(f"[red]error:[/red] {error}")
+            print_error(error, console)
             raise typer.Exit(code=2) from error
         table = Table(title=f"WeLore on {run} (base ppl {result['base_ppl']:.3f}, {result['base_params']} params)")
         for column in ("reduction", "WeLore ppl", "WeLore params", "uniform ppl", "uniform params"):

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rankwise.core.console import print_error
 from rankwise.core.errors import CheckpointError, ConfigError, RankwiseError
 
 console = Console()
@@ -100,7 +101,7 @@ def _run(title: str, function, *args, **kwargs):
         with console.status(f"{title}..."):
             return function(*args, **kwargs)
     except RankwiseError as error:
-        console.print(f"[red]error:[/red] {error}")
+        print_error(error, console)
         raise typer.Exit(2) from error
 
 

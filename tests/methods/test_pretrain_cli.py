@@ -72,3 +72,15 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])  # truncated file
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_run(run)
+
+
+def test_error_messages_stay_whole_whatever_the_path_length(tmp_path):
+    # rich used to hard-wrap at 80 columns, so a phrase of the message split across lines depending on
+    # how long the tmp path was (pytest -n 2 adds "popen-gwN/"); brackets in a path were eaten as markup
+    for length in range(1, 41):
+        missing = tmp_path / ("d" * length) / "missing[1].txt"
+        result = CliRunner().invoke(app, ["pretrain", "--corpus", str(missing), "--out", str(tmp_path)],
+                                    env={"COLUMNS": "80"})
+        assert result.exit_code == 2
+        assert f"corpus={str(missing)!r} is neither" in result.output
+        assert "nor an existing text file" in result.output
