@@ -148,6 +148,7 @@ def run(method, n, k, ratio, max_seconds):
     process.start()
     result = queue.get()
     process.join()
+    print(json.dumps(result), flush=True)  # each run as it ends: a size cut short still leaves its finished runs
     return result
 
 
@@ -171,8 +172,6 @@ def main():
         ours = [run(method, n, args.rank, args.ratio, 0) for method in methods]
         best = min(r["total_seconds"] for r in ours)
         peer = run("softimpute_als", n, args.rank, args.ratio, min(args.peer_budget, max(60.0, args.peer_factor * best)))
-        for r in ours + [peer]:
-            print(json.dumps(r), flush=True)
         rows += ours + [peer]
         rows.sort(key=lambda r: r["n"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
