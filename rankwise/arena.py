@@ -442,9 +442,17 @@ def _spec_key(spec: ArenaSpec) -> dict[str, Any]:
 def write_summary(results: list[dict[str, Any]], spec: ArenaSpec, output: Path, description: str | None) -> None:
     from rankwise.core.io import atomic_write_text as write
 
+    previous = output / "arena.json"
+    if description is None and previous.is_file():  # every contender resumed: keep the task line of the run
+        description = json.loads(previous.read_text()).get("task")
     payload = {"benchmark": "arena", "task": description, "spec": _spec_key(spec), "machine": machine(),
                "columns": list(COLUMNS), "results": [{k: v for k, v in r.items() if k != "traceback"} for r in results]}
     write(output / "arena.json", json.dumps(payload, indent=2, default=str))
+    budget = (f"{spec.steps} steps x batch {spec.batch_size} (max_length {spec.max_length}), rank {spec.rank}, "
+              f"targets {spec.targets}, lr grid {list(spec.lrs)} (best on validation, reported on test), "
+              f"{spec.timing_rounds} timing rounds, seed {spec.seed}")
+    write(output / "arena.md", f"# Arena ({'quick' if spec.quick else 'full'})\n\nTask: {description or 'resumed run'}.  \n"
+          f"Budget: {budget}.  \nMachine: {machine()}.\n\n{markdown_table(results)}\n")
     ok = [r for r in results if "error" not in r]
     plot_scatter(ok, "trainable", "trainable parameters (log)", output / "accuracy_vs_params.png", log_x=True)
     plot_scatter(ok, "step_x_floor", "train-step time / frozen floor", output / "accuracy_vs_step_time.png")
