@@ -4,7 +4,9 @@ Problem: n x n, rank k = 10, Gaussian factors, |Omega| = ratio * ((2n - k) k) ob
 uniformly without replacement (ratio 1 is the number of degrees of freedom; ratio 3 already leaves
 rows with < k samples here, so ratio 5 is "near the information limit" for an algorithm that must
 be exact). Measured: wall time until the relative Frobenius error ||UV^T - M*|| / ||M*|| <= 1e-6,
-and the peak resident memory above the inputs, each method in a fresh single-threaded process.
+and the peak resident memory above the inputs (VmHWM reset after the problem is built), each method
+in a fresh single-threaded process. Every run also records when it first reached 1e-2 ... 1e-6, so the
+peer can be compared at equal error even when its time budget ends before 1e-6.
 
 Peer: SoftImpute-ALS (Hastie, Mazumder, Lee & Zadeh 2015, Alg. 3.1; the algorithm of R's
 softImpute, type="als") written with scipy.sparse, lambda = 0 (the exact-recovery limit): per
@@ -12,6 +14,7 @@ iteration O(|Omega| k + n k^2), same memory class as ours. No maintained Python 
 installs without TensorFlow (fancyimpute), hence the scipy version here.
 
     PYTHONPATH=. python bench/bench_completion.py --sizes 2000 5000 10000 20000 --out bench/results/completion.json
+    (--append adds sizes to an existing file, so each size can run as its own job)
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import time
 from pathlib import Path
 
 TARGET = 1e-6
+LEVELS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
 def make_problem(n: int, k: int, ratio: float, seed: int = 0):
@@ -79,13 +82,20 @@ def soft_impute_als(rows, cols, values, shape, k, *, lam=0.0, max_seconds=300.0,
 
 
 def _child(method, n, k, ratio, max_seconds, queue):
+    import sys
+
     import torch
 
     torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import peak_rss_mib, reset_peak_rss, rss_mib
+
     from rankwise.solvers.completion import altmin_completion
 
     rows, cols, values, target = make_problem(n, k, ratio)
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss would carry the spawning parent's peak across fork+exec; VmHWM is this process's own
+    base_mb = rss_mib()
+    reset_peak_rss()
     if method == "softimpute_als":
         history, iterations = soft_impute_als(rows, cols, values, (n, n), k, max_seconds=max_seconds, target=target)
     else:
@@ -98,10 +108,37 @@ def _child(method, n, k, ratio, max_seconds, queue):
     queue.put({
         "method": method, "n": n, "rank": k, "observations": len(values), "ratio_to_dof": ratio,
         "iterations": iterations, "seconds_to_1e-6": reached, "final_rel_err": history[-1][1],
-        "total_seconds": history[-1][0],
-        "peak_rss_above_inputs_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024,
+        "total_seconds": history[-1][0], "time_budget": max_seconds or None,
+        "seconds_to": {f"{level:.0e}": next((s for s, e in history if e <= level), None) for level in LEVELS},
+        "peak_rss_above_inputs_mb": peak_rss_mib() - base_mb,
         "observations_mb": len(values) * 3 * 8 / 2**20,
     })
+
+
+def summarize(rows) -> list[dict]:
+    """Per size: the speedup of our fastest solver over the peer at the deepest error both reached, and a
+    lower bound at 1e-6 (peer budget / our time) when the peer ran out of time first."""
+    out = []
+    for n in sorted({r["n"] for r in rows}):
+        ours = [r for r in rows if r["n"] == n and r["method"] != "softimpute_als"]
+        peer = next((r for r in rows if r["n"] == n and r["method"] == "softimpute_als"), None)
+        if not ours or peer is None:
+            continue
+        best = min(ours, key=lambda r: r["seconds_to_1e-6"] or float("inf"))
+        common = [lv for lv in best["seconds_to"] if best["seconds_to"][lv] and peer["seconds_to"][lv]]
+        level = min(common, key=float) if common else None
+        row = {"n": n, "observations": best["observations"], "fastest": best["method"],
+               "ours_seconds_to_1e-6": best["seconds_to_1e-6"], "peer_seconds_to_1e-6": peer["seconds_to_1e-6"],
+               "peer_final_rel_err": peer["final_rel_err"], "deepest_common_error": level,
+               "speedup_at_deepest_common_error": level and peer["seconds_to"][level] / best["seconds_to"][level],
+               "ours_peak_mb": best["peak_rss_above_inputs_mb"], "peer_peak_mb": peer["peak_rss_above_inputs_mb"]}
+        if best["seconds_to_1e-6"]:
+            if peer["seconds_to_1e-6"]:
+                row["speedup_at_1e-6"] = peer["seconds_to_1e-6"] / best["seconds_to_1e-6"]
+            else:
+                row["speedup_at_1e-6_at_least"] = peer["total_seconds"] / best["seconds_to_1e-6"]
+        out.append(row)
+    return out
 
 
 def run(method, n, k, ratio, max_seconds):
@@ -111,6 +148,7 @@ def run(method, n, k, ratio, max_seconds):
     process.start()
     result = queue.get()
     process.join()
+    print(json.dumps(result), flush=True)  # each run as it ends: a size cut short still leaves its finished runs
     return result
 
 
@@ -120,22 +158,25 @@ def main():
     parser.add_argument("--rank", type=int, default=10)
     parser.add_argument("--ratio", type=float, default=5.0)
     parser.add_argument("--peer-budget", type=float, default=600.0, help="max seconds for the peer per size")
+    parser.add_argument("--peer-factor", type=float, default=10.0,
+                        help="the peer gets max(60, factor x our best time) seconds, capped by --peer-budget")
+    parser.add_argument("--append", action="store_true", help="keep the runs already in --out (other sizes)")
     parser.add_argument("--exact-up-to", type=int, default=5000, help="also run the exact solver up to this n")
     parser.add_argument("--out", type=Path, default=Path("bench/results/completion.json"))
     args = parser.parse_args()
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    rows = []
+    rows = json.loads(args.out.read_text())["runs"] if args.append and args.out.is_file() else []
+    rows = [r for r in rows if r["n"] not in args.sizes]
     for n in args.sizes:
         methods = ("rankwise_sketch", "rankwise_exact") if n <= args.exact_up_to else ("rankwise_sketch",)
         ours = [run(method, n, args.rank, args.ratio, 0) for method in methods]
         best = min(r["total_seconds"] for r in ours)
-        peer = run("softimpute_als", n, args.rank, args.ratio, min(args.peer_budget, max(60.0, 10 * best)))
-        for r in ours + [peer]:
-            print(json.dumps(r), flush=True)
+        peer = run("softimpute_als", n, args.rank, args.ratio, min(args.peer_budget, max(60.0, args.peer_factor * best)))
         rows += ours + [peer]
+        rows.sort(key=lambda r: r["n"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         temporary = args.out.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"target_rel_err": TARGET, "threads": 1, "runs": rows}, indent=2))
+        temporary.write_text(json.dumps({"target_rel_err": TARGET, "threads": 1, "summary": summarize(rows), "runs": rows}, indent=2))
         temporary.replace(args.out)
 
 

@@ -16,7 +16,7 @@ import torch
 
 _HERE = __import__("pathlib").Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # run from a checkout without installing
-from common import interleaved_medians, machine, peak_rss_in_subprocess, peak_rss_mb, write_json  # noqa: E402
+from common import interleaved_medians, machine, peak_rss_in_subprocess, peak_rss_mib, write_json  # noqa: E402
 
 TARGETS = ["query", "key", "value", "dense"]
 BATCH, SEQ, RANK = 16, 128, 8
@@ -70,43 +70,59 @@ def make_step(name: str, base):
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(__import__("os").environ.get("BENCH_THREADS", "2")))
     if len(sys.argv) == 3 and sys.argv[1] == "--memory":  # child process: one contender, print peak RSS
+        torch.set_flush_denormal(True)
         step, _ = make_step(sys.argv[2], build_base())
         for _ in range(2):
             step()
-        print(peak_rss_mb())
+        print(peak_rss_mib())  # VmHWM: ru_maxrss would inherit the parent's peak across fork+exec
         return
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=12, help="timed steps per contender (interleaved)")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="do not flush denormals (rankwise's loop flushes them; see TrainConfig.flush_denormals)")
+    args = parser.parse_args()
+    # Every contender runs under the same setting, so the ratios measure adapter overhead only.
+    torch.set_flush_denormal(not args.keep_denormals)
     base = build_base()
     steps, trainable = {}, {}
     for name in CONTENDERS:
         steps[name], trainable[name] = make_step(name, base)
-    timing = interleaved_medians(steps, warmup=2, rounds=10)
+    timing = interleaved_medians(steps, warmup=2, rounds=args.rounds)
     memory = {name: peak_rss_in_subprocess(__file__, "--memory", name) for name in CONTENDERS}
     floor = timing["floor"]["median_s"]
     rows = {
         name: {
             "step_ms": 1000 * timing[name]["median_s"],
             "ratio_to_floor": timing[name]["median_s"] / floor,
+            "cpu_ms": 1000 * timing[name]["cpu_median_s"],
+            "cpu_ratio_to_floor": timing[name]["cpu_median_s"] / timing["floor"]["cpu_median_s"],
             "peak_rss_mb": memory[name],
             "trainable_params": trainable[name],
         }
         for name in CONTENDERS
     }
     rows["rankwise_lora"]["ratio_to_peft"] = timing["rankwise_lora"]["median_s"] / timing["peft_lora"]["median_s"]
+    rows["rankwise_lora"]["cpu_ratio_to_peft"] = timing["rankwise_lora"]["cpu_median_s"] / timing["peft_lora"]["cpu_median_s"]
     payload = {"benchmark": "lora_train_step", "batch": BATCH, "seq": SEQ, "rank": RANK, "targets": TARGETS,
+               "flush_denormals": not args.keep_denormals,
                "machine": machine(), "results": rows}
     path = write_json("lora_step", payload)
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"train step, MiniLM-size encoder, B={BATCH} T={SEQ}, LoRA r={RANK} on {','.join(TARGETS)}")
-    for col in ("contender", "step ms", "x floor", "peak RSS MB", "trainable"):
+    for col in ("contender", "step ms", "x floor", "CPU ms", "CPU x floor", "peak RSS MB", "trainable"):
         table.add_column(col, justify="right")
     for name, r in rows.items():
-        table.add_row(name, f"{r['step_ms']:.0f}", f"{r['ratio_to_floor']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{r['trainable_params']:,}")
+        table.add_row(name, f"{r['step_ms']:.0f}", f"{r['ratio_to_floor']:.3f}", f"{r['cpu_ms']:.0f}", f"{r['cpu_ratio_to_floor']:.3f}",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['trainable_params']:,}")
     Console().print(table)
-    print(f"rankwise/PEFT step-time ratio: {rows['rankwise_lora']['ratio_to_peft']:.3f}; JSON: {path}")
+    print(f"rankwise/PEFT step-time ratio: wall {rows['rankwise_lora']['ratio_to_peft']:.3f}, "
+          f"CPU {rows['rankwise_lora']['cpu_ratio_to_peft']:.3f}; JSON: {path}")
 
 
 if __name__ == "__main__":

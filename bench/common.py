@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,16 +27,17 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], warmup: int = 3, r
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v)} for name, v in samples.items()}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+            cpu[name].append(time.process_time() - start_cpu)
+    # CPU seconds (all threads) are reported beside wall time: on a shared, loaded machine they measure the work
+    # done, while wall time also counts waiting for a core.
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "cpu_median_s": statistics.median(cpu[name]),
+                   "samples": len(v)} for name, v in samples.items()}
 
 
 def peak_rss_in_subprocess(script: str, *args: str) -> float:

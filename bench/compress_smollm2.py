@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from _compress_results import merge_results, plot  # bench/ is on sys.path when run as a script
+from _compress_results import existing_rows, merge_results, plot  # bench/ is on sys.path when run as a script
 from rankwise.compress import get_method
 from rankwise.compress.evaluate import cpu_latency_ms, perplexity, split_calibration_eval, token_chunks
 from rankwise.data.offline_assets import real_text, smollm2_dir
@@ -32,10 +32,12 @@ def load_base():
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", nargs="+", default=["svd", "lord", "afm", "modegpt"])
+    parser.add_argument("--methods", nargs="+", default=["svd", "lord", "afm", "modegpt", "pela"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.5])
     parser.add_argument("--option", nargs="*", default=[], help="KEY=JSON applied to every method config")
     parser.add_argument("--variant", default="")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="resume: skip (method, variant, ratio) rows already in the results JSON")
     parser.add_argument("--calibration", type=int, default=32)
     parser.add_argument("--eval", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -58,6 +60,9 @@ def main() -> None:
     for method in args.methods:
         config_cls, run = get_method(method)
         for ratio in args.ratios:
+            if args.skip_existing and (method, args.variant, ratio) in existing_rows(RESULTS / f"{args.results}.json"):
+                print(f"skip {method} {args.variant!r} {ratio}: already measured", flush=True)
+                continue
             model, _ = load_base()  # compressors work in place: start every run from the dense model
             start = time.perf_counter()
             model, report = run(model, config_cls(ratio=ratio, **options), cal)

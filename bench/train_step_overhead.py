@@ -9,6 +9,7 @@ IncreLoRA while scoring (explicit dW + hook), TriAdaptLoRA at rank 8 with its co
 with ordered dropout + group lasso, DiffoRA in its search phase (one extra held-out forward/backward per step).
 TRP trains dense weights, so it is compared with dense training of the same layers ("full"), projecting every step.
 Configurations are timed round-robin, median over repeats, so background load hits them alike.
+Denormals are flushed to zero as the rankwise loop does (TrainConfig.flush_denormals); --keep-denormals turns it off.
 """
 from __future__ import annotations
 
@@ -79,8 +80,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", default="lora,allora,ggpo,increlora,triadapt,maestro,diffora,full,trp")
     parser.add_argument("--out", default="bench/results/train_step_overhead.json")
+    parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormals (the rankwise loop does)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(not args.keep_denormals)
     ids = torch.randint(0, 1000, (8, 128))
     runs = {name: build(name, ids) for name in args.only.split(",")}
     for state, callbacks in runs.values():
@@ -100,7 +103,8 @@ def main() -> None:
         "benchmark": "train step time vs plain LoRA (TRP: vs dense training of the same layers)",
         "model": "BERT h256 L4 seq128 bs8, LoRA r8 on query/value/dense", "threads": 1,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "load_average": list(__import__("os").getloadavg()),
+        "load_average": list(__import__("os").getloadavg()), "flush_denormals": not args.keep_denormals,
+        "cpu_seconds_total": time.process_time(),
         "seconds_per_step": median, "ratio": ratio, "all_repeats": times,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

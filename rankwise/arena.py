@@ -81,9 +81,51 @@ def contenders(spec: ArenaSpec) -> list[str]:
     names = []
     for info in infos:
         names.append(info.name)
-        if spec.peft and info.peft_type:
+        if spec.peft and _peft_type(info) is not None:
             names.append(f"peft-{info.name}")
     return names
+
+
+# PEFT renamed or absorbed some methods: Bone lives on in PEFT as MiSS (same tensors and maths; PEFT deleted
+# `BoneConfig` in #3051), so PEFT's twin of rankwise's Bone is PEFT's MissConfig with the same options.
+PEFT_SUCCESSORS = {"BONE": "MISS"}
+
+
+def _peft_type(info) -> Optional[str]:
+    """PEFT's PeftType for a registered method, or None when the installed PEFT lacks it (or is absent)."""
+    if not info.peft_type:
+        return None
+    try:
+        from peft import PeftType
+    except ImportError:
+        return None
+    known = {t.value for t in PeftType}
+    for candidate in (info.peft_type, PEFT_SUCCESSORS.get(info.peft_type)):
+        if candidate in known:
+            return candidate
+    return None
+
+
+def peft_config(config, peft_type: str):
+    """PEFT's config object equal to a rankwise config: same fields, PEFT's class for `peft_type`.
+
+    Fields PEFT's class lacks are dropped only when they hold their "off" value (None / the neutral value);
+    anything else would silently change the method, so it is an error.
+    """
+    import inspect
+
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from rankwise.core.errors import ConfigError
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    accepted = set(inspect.signature(cls).parameters)
+    data = {k: v for k, v in config.to_dict().items() if k not in ("peft_type", "task_type")}
+    lost = {k: v for k, v in data.items() if k not in accepted and v is not None}
+    if lost:
+        raise ConfigError(f"PEFT's {cls.__name__} has no field(s) {sorted(lost)} (values {lost}); "
+                          "the PEFT twin would not be the same method. Leave them unset for the arena.")
+    return cls(**{k: v for k, v in data.items() if k in accepted})
 
 
 # ---- the task -------------------------------------------------------------------------------------
@@ -130,27 +172,98 @@ def build_task(spec: ArenaSpec) -> Task:
 
 # ---- one contender ---------------------------------------------------------------------------------
 
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def method_setup(info, base: nn.Module, spec: ArenaSpec) -> tuple[list[str], dict[str, Any]]:
+    """(target_modules, config options) of a method in the arena.
+
+    Every method gets `spec.rank` in its rank field and `spec.targets`, except where that setting is not the
+    method (each exception follows the method's spec and is recorded in the result's `config`):
+      dept  - adapts the input embedding, not linear layers; the position table covers `max_length` rows and the
+              prompt keeps the reference's prompt/length ratio (40 of 256 -> max_length / 6.4); A, B train at
+              0.1 x lr (the reference's 0.01 with its 3e-1 prompt rate would leave them frozen at our rates).
+      mos   - the shared pool must hold r - private_rank vectors per layer: equivalent_rank is the default (4,
+              half LoRA's budget) or, on shallow models, the smallest value that lets every layer draw them.
+      bone  - run as Bone's weight-guided "Bat" variant; Bone's default is MiSS's shard sharing, run as `miss`.
+      randlora - randlora_alpha = 20 x rank, the ratio of PEFT's defaults (alpha 640 at r 32), so the scale stays 20;
+              its adapter parameters also train at a tenth of the grid (ADAPTER_LR_SCALE).
+    """
+    from rankwise.core.config import matches_module
+
+    targets = list(spec.targets)
+    options: dict[str, Any] = {}
+    if info.config_cls.rank_field:
+        options[info.config_cls.rank_field] = spec.rank
+    if info.name == "dept":
+        targets = [_module_name(base, base.get_input_embeddings()).rsplit(".", 1)[-1]]
+        options.update(max_length=spec.max_length, num_virtual_tokens=max(1, round(spec.max_length * 40 / 256)),
+                       embedding_lr_scale=0.1)
+    elif info.name == "mos":
+        from rankwise.adapters.mos import pool_key
+
+        defaults = info.config_cls()
+        groups: dict[str, int] = {}
+        for name, module in base.named_modules():
+            if isinstance(module, nn.Linear) and matches_module(name, targets):
+                key = pool_key(name, module)
+                groups[key] = groups.get(key, 0) + 1
+        depth = min(groups.values(), default=1)
+        r, p = spec.rank, min(defaults.private_rank, spec.rank)
+        needed = p + -(-(r - p) // depth)  # r - p <= (R_eq - p) * depth
+        options.update(private_rank=p, equivalent_rank=max(min(defaults.equivalent_rank, r), needed))
+        if options["equivalent_rank"] == p and r != p:  # pure private needs r == R_eq
+            options["equivalent_rank"] += 1
+    elif info.name == "bone":
+        options.update(init_weights="bat")
+    elif info.name == "randlora":
+        options.update(randlora_alpha=20 * spec.rank)  # PEFT's ratio (640 at its r=32); 640 at r=8 is 4x the scale
+    return targets, options
+
+
 def build_contender(name: str, task: Task, spec: ArenaSpec):
-    """(model, info) for contender `name` on a fresh copy of the base."""
+    """(model, info, config) for contender `name` on a fresh copy of the base."""
     import rankwise
-    from rankwise.train.finetune import FinetuneSpec, build_config
 
     is_peft = name.startswith("peft-")
     info = rankwise.get_method(name[len("peft-"):] if is_peft else name)
-    rank = spec.rank if info.config_cls.rank_field else None
-    config = build_config(FinetuneSpec(method=info.name, rank=rank, targets=spec.targets), task.head)
+    targets, options = method_setup(info, task.base, spec)
+    config = info.config_cls(target_modules=targets, modules_to_save=task.head, **options)
     base = copy.deepcopy(task.base)
     if is_peft:
         import peft
 
-        return peft.get_peft_model(base, peft.get_peft_config(config.to_dict())), info
-    return rankwise.adapt(base, config), info
+        peft_type = _peft_type(info)
+        if peft_type is None:
+            from rankwise.core.errors import ConfigError
+
+            raise ConfigError(f"the installed PEFT has no {info.peft_type} (nor a successor): drop {name!r} or use --no-peft")
+        return peft.get_peft_model(base, peft_config(config, peft_type)), info, config
+    return rankwise.adapt(base, config), info, config
 
 
-def _param_groups(model, lr: float):
+# The adapter's own parameters train at (grid lr x this); the classifier head always trains at the grid lr.
+# RandLoRA: its update sums r*N ~ min(out, in) basis products, each scalar moved ~lr per Adam step, at
+# scale randlora_alpha / r = 20, so at LoRA's rates it overshoots: with alpha = 20 r on MiniLM, |dW| / |W|
+# after 8 steps is 5-11 % at lr 1e-3 (LoRA r=8: 1-2.5 % at its best 4e-3, divergence at 7-17 %), and both
+# rankwise and PEFT RandLoRA stayed at chance over the whole 1e-3..1.6e-2 grid. Its official scripts train
+# at 1e-4 and PEFT's docs warn of instability at high rates: a tenth of the grid.
+ADAPTER_LR_SCALE = {"randlora": 0.1}
+
+
+def _param_groups(model, lr: float, head: list[str], adapter_scale: float = 1.0):
+    if adapter_scale == 1.0:
+        if hasattr(model, "parameter_groups"):
+            return model.parameter_groups(lr)
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    in_head = {id(p) for n, p in model.named_parameters() if p.requires_grad and set(n.split(".")) & set(head)}
+    heads = [p for p in model.parameters() if id(p) in in_head]
     if hasattr(model, "parameter_groups"):
-        return model.parameter_groups(lr)
-    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in in_head]} for g in model.parameter_groups(lr * adapter_scale)]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in in_head], "lr": lr * adapter_scale}]
+    return [g for g in groups if g["params"]] + [{"params": heads, "lr": lr}]
 
 
 def train_and_select(name: str, task: Task, spec: ArenaSpec, on_step: Callable[[], None]) -> tuple[Any, dict]:
@@ -163,14 +276,15 @@ def train_and_select(name: str, task: Task, spec: ArenaSpec, on_step: Callable[[
             on_step()
 
     best, record, per_lr = None, {}, []
+    scale = ADAPTER_LR_SCALE.get(name[len("peft-"):] if name.startswith("peft-") else name, 1.0)
     for lr in spec.lrs:
-        model, _ = build_contender(name, task, spec)
+        model, _, _ = build_contender(name, task, spec)
         started = time.perf_counter()
         state = train(model, batches=lambda epoch: task.train, loss_fn=lambda m, b: m(**b).loss,
-                      config=TrainConfig(epochs=1, lr=lr, seed=spec.seed), param_groups=_param_groups(model, lr),
+                      config=TrainConfig(epochs=1, lr=lr, seed=spec.seed), param_groups=_param_groups(model, lr, task.head, scale),
                       callbacks=[_Tick()], progress=False)
         val = evaluate(model, task.val)
-        per_lr.append({"lr": lr, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "final_train_loss": state.loss,
+        per_lr.append({"lr": lr, "adapter_lr": lr * scale, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "final_train_loss": state.loss,
                        "train_seconds": time.perf_counter() - started})
         if best is None or (val["accuracy"], -val["loss"]) > (record["val_accuracy"], -record["val_loss"]):
             best, record = model, {"lr": lr, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
@@ -272,8 +386,10 @@ def run_contender(name: str, task: Task, spec: ArenaSpec, output: Path, on_step:
     record: dict[str, Any] = {"contender": name, "implementation": "peft" if name.startswith("peft-") else "rankwise"}
     started = time.perf_counter()
     try:
-        model, info = build_contender(name, task, spec)
-        record.update(method=info.name, family=info.family, paper=info.paper)
+        model, info, config = build_contender(name, task, spec)
+        record.update(method=info.name, family=info.family, paper=info.paper, config=config.to_dict())
+        if record["implementation"] == "peft":
+            record["peft_type"] = _peft_type(info)
         del model
         best, selected = train_and_select(name, task, spec, on_step)
         record.update(selected)
@@ -348,9 +464,17 @@ def _spec_key(spec: ArenaSpec) -> dict[str, Any]:
 def write_summary(results: list[dict[str, Any]], spec: ArenaSpec, output: Path, description: str | None) -> None:
     from rankwise.core.io import atomic_write_text as write
 
+    previous = output / "arena.json"
+    if description is None and previous.is_file():  # every contender resumed: keep the task line of the run
+        description = json.loads(previous.read_text()).get("task")
     payload = {"benchmark": "arena", "task": description, "spec": _spec_key(spec), "machine": machine(),
                "columns": list(COLUMNS), "results": [{k: v for k, v in r.items() if k != "traceback"} for r in results]}
     write(output / "arena.json", json.dumps(payload, indent=2, default=str))
+    budget = (f"{spec.steps} steps x batch {spec.batch_size} (max_length {spec.max_length}), rank {spec.rank}, "
+              f"targets {spec.targets}, lr grid {list(spec.lrs)} (best on validation, reported on test), "
+              f"{spec.timing_rounds} timing rounds, seed {spec.seed}")
+    write(output / "arena.md", f"# Arena ({'quick' if spec.quick else 'full'})\n\nTask: {description or 'resumed run'}.  \n"
+          f"Budget: {budget}.  \nMachine: {machine()}.\n\n{markdown_table(results)}\n")
     ok = [r for r in results if "error" not in r]
     plot_scatter(ok, "trainable", "trainable parameters (log)", output / "accuracy_vs_params.png", log_x=True)
     plot_scatter(ok, "step_x_floor", "train-step time / frozen floor", output / "accuracy_vs_step_time.png")

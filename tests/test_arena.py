@@ -88,3 +88,20 @@ def test_failures_are_recorded_and_finished_contenders_resume(tiny_csv, tmp_path
 def test_bad_arena_options_are_clear_errors(tmp_path):
     result = runner.invoke(app, ["bench", "arena", "--quick", "--methods", "nosuch", "--output", str(tmp_path)])
     assert result.exit_code == 2 and "unknown method 'nosuch'" in result.output
+
+
+def test_adapter_lr_scale_leaves_the_head_at_the_grid_rate(tiny_csv):
+    from rankwise.arena import QUICK, _param_groups, build_contender, build_task
+
+    spec = ArenaSpec(**QUICK, data_path=str(tiny_csv))
+    task = build_task(spec)
+    for name in ("randlora", "peft-randlora"):
+        model, _, config = build_contender(name, task, spec)
+        assert config.randlora_alpha == 20 * spec.rank  # the scale stays PEFT's 20 whatever the rank
+        groups = _param_groups(model, 1e-2, task.head, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        by_lr = {g["lr"]: [names[id(p)] for p in g["params"]] for g in groups}
+        assert sorted(by_lr) == [pytest.approx(1e-3), 1e-2]
+        assert all("classifier" in n for n in by_lr[1e-2]) and len(by_lr[1e-2]) == 2
+        assert not any("classifier" in n for g, ns in by_lr.items() if g != 1e-2 for n in ns)
+        assert sum(map(len, by_lr.values())) == sum(p.requires_grad for p in model.parameters())

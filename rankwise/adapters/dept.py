@@ -80,8 +80,14 @@ class DeptPrompt(nn.Module):
                               "get_input_embeddings() and accepts inputs_embeds)")
         if kwargs.get("position_ids") is not None:
             raise ShapeError("DePT prepends prompt positions; do not pass position_ids (the model derives them)")
+        m = self.prompt_embeddings.shape[0]
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if limit is not None and m + input_ids.shape[-1] > limit:
+            raise ShapeError(f"DePT: {m} prompt tokens + {input_ids.shape[-1]} input tokens exceed the model's "
+                             f"max_position_embeddings={limit}: lower num_virtual_tokens or truncate the inputs "
+                             f"to {limit - m} tokens")
         embeds = get_embeddings()(input_ids)  # the adapted embedding adds the position-wise low-rank table
-        batch, m = embeds.shape[0], self.prompt_embeddings.shape[0]
+        batch = embeds.shape[0]
         prompt = self.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         if kwargs.get("attention_mask") is not None:

@@ -62,8 +62,9 @@ class SnellAdapter(Adapter):
         reweight = self.config.competition == "magnitude"
         update = competition_sparsify(self.kernel(self.lora_In, self.lora_Out), self.sparsity, reweight)
         if self.config.zero_init:
-            with torch.no_grad():
-                update = update - competition_sparsify(self.initial_kernel(), self.sparsity, reweight)
+            with torch.no_grad():  # only the constant is computed without a graph: the difference must keep it
+                initial = competition_sparsify(self.initial_kernel(), self.sparsity, reweight)
+            update = update - initial
         return update
 
     def initial_kernel(self) -> torch.Tensor:

@@ -280,27 +280,54 @@ def blockwise(model: nn.Module, batches: list[Batch], progress: str = "") -> Ite
         inputs = [with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
 
 
-def moment_hooks(modules: dict[str, nn.Module], side: str = "input") -> tuple[dict[str, SecondMoments], Callable[[], None]]:
+def token_masks(batches: list[Batch]) -> list[torch.Tensor] | None:
+    """The `attention_mask` of each dict batch as a bool `[B, T]` tensor, or None when no batch has one.
+
+    Padded positions still flow through the model, but no output ever uses them; their rows would
+    bias calibration statistics (a batch of short tweets padded to 64 tokens is mostly padding).
+    """
+    masks = [b.get("attention_mask") if isinstance(b, dict) else None for b in batches]
+    if all(m is None for m in masks):
+        return None
+    return [m.bool() if m is not None else None for m in masks]
+
+
+def real_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The `[n, d]` rows of a `[B, T, d]` activation at unpadded positions (all rows without a usable mask)."""
+    if mask is not None and tensor.dim() == 3 and tuple(tensor.shape[:2]) == tuple(mask.shape):
+        return tensor[mask]
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def moment_hooks(modules: dict[str, nn.Module], side: str = "input",
+                 masks: list[torch.Tensor | None] | None = None) -> tuple[dict[str, SecondMoments], Callable[[], None]]:
     """Forward hooks accumulating float64 second moments of each module's input or output rows.
 
     Returns `(stats, remove)`; `stats[name]` is a `linalg.SecondMoments` filled on every forward.
+    `masks` (one per calibration batch, in the order the batches are run; see `token_masks`) drops
+    padded positions: the n-th call of a module is taken to be batch n.
     """
     stats: dict[str, SecondMoments] = {}
+    calls: dict[str, int] = {}
     handles = []
     for name, module in modules.items():
         def hook(_m, args, output, name=name):
             tensor = args[0] if side == "input" else output
+            index = calls.get(name, 0)
+            calls[name] = index + 1
+            mask = masks[index % len(masks)] if masks else None
             if name not in stats:
                 stats[name] = SecondMoments(tensor.shape[-1])
-            stats[name].update(tensor)
+            stats[name].update(real_rows(tensor, mask))
         handles.append(module.register_forward_hook(hook))
     return stats, lambda: [h.remove() for h in handles]
 
 
 def collect_moments(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch],
                     side: str = "input") -> dict[str, SecondMoments]:
-    """Run the whole model over `batches` once and return the second moments `moment_hooks` gathered."""
-    stats, remove = moment_hooks(modules, side)
+    """Run the whole model over `batches` once and return the second moments `moment_hooks` gathered
+    (padded positions of dict batches with an `attention_mask` left out)."""
+    stats, remove = moment_hooks(modules, side, token_masks(batches))
     try:
         with torch.no_grad():
             for batch in batches:

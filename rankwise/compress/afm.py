@@ -28,7 +28,8 @@ from torch import nn
 
 from rankwise.compress._common import (ACTIVATIONS, CompressConfig, CompressionReport, LowRankLinear, ReportBuilder,
                                        blockwise, check_calibration, collect_moments, find_blocks, get_module,
-                                       moment_hooks, run_block, saves_parameters, select_linears, set_module)
+                                       moment_hooks, run_block, saves_parameters, select_linears, set_module,
+                                       token_masks)
 from rankwise.compress.serialize import register_module_kind
 from rankwise.core.errors import TargetError, check_field
 from rankwise.linalg import SecondMoments, top_eigenvectors
@@ -153,9 +154,10 @@ def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Modul
         stats = collect_moments(model, {n: get_module(model, n) for n in names}, batches, side="output")
         _replace(model, names, stats, config, builder.report)
         return model, builder.finish()
+    masks = token_masks(batches)
     for index, block, inputs in blockwise(model, batches, "afm: blocks"):
         block_names = [n for n in names if n.startswith(f"{found[0]}.{index}.")]
-        stats, remove = moment_hooks({n: get_module(model, n) for n in block_names}, side="output")
+        stats, remove = moment_hooks({n: get_module(model, n) for n in block_names}, side="output", masks=masks)
         try:
             run_block(block, inputs)
         finally:

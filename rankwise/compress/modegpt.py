@@ -19,7 +19,9 @@ processed in order on the outputs of the already-compressed earlier blocks.
 Shapes stay what Hugging Face's attention code expects: a pruned Q/K/V projection computes only its kept
 rows and scatters them into zeros (`ScatterOutputLinear`), O reads only the kept columns
 (`GatherInputLinear`). Parameters shrink by the kept fraction; attention FLOPs are unchanged.
-Supports Llama-style blocks (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`).
+Supports Llama-style blocks (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, RoPE) and BERT-style
+encoder blocks (`attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`,
+`output.dense`; absolute positions, so single Q-K dims are kept, and biases are carried through).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from torch.nn import functional as F
 
 from rankwise.compress._common import (CompressConfig, CompressionReport, ReportBuilder, block_hidden, blockwise,
                                        capture_block_inputs, check_calibration, find_blocks, get_module, moment_hooks,
+                                       real_rows, token_masks,
                                        run_block, with_hidden)
 from rankwise.compress.serialize import register_module_kind
 from rankwise.core.errors import ConfigError, TargetError, check_field
@@ -198,37 +201,81 @@ def allocate_sparsity(scores: torch.Tensor, mean_sparsity: float, eps: float, ma
 
 
 # ------------------------------------------------------------------------------------ the driver
-def _llama_parts(block: nn.Module):
+@dataclass
+class _Parts:
+    """Where one block keeps the matrices MoDeGPT pairs up, as `(owner module, attribute)` per role.
+
+    Roles: q, k, v, o (attention), up, gate (None when the MLP is not gated), down. `rope` says whether
+    rotary pairs (i, i + hd/2) must be kept together in the Q-K step.
+    """
+
+    slots: dict
+    head_dim: int
+    rope: bool
+
+    def get(self, role: str) -> nn.Module | None:
+        slot = self.slots.get(role)
+        return getattr(*slot) if slot is not None else None
+
+    def set(self, role: str, module: nn.Module) -> None:
+        setattr(*self.slots[role], module)
+
+
+def _block_parts(block: nn.Module) -> _Parts:
+    """Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, RoPE) or BERT-style
+    (`attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`, `output.dense`)."""
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-    needed = ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("up_proj", "down_proj")))
-    for module, names in needed:
-        if module is None or not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
-            raise TargetError(f"MoDeGPT supports Llama-style blocks (self_attn.q/k/v/o_proj, mlp.up/down_proj as "
-                              f"nn.Linear); {type(block).__name__} is not one (already compressed?)")
-    return attn, mlp
+    if attn is not None and mlp is not None:
+        slots = {"q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "o_proj"),
+                 "up": (mlp, "up_proj"), "down": (mlp, "down_proj"),
+                 "gate": (mlp, "gate_proj") if getattr(mlp, "gate_proj", None) is not None else None}
+        head_dim, rope = getattr(attn, "head_dim", None), True
+    else:
+        attention, intermediate, output = (getattr(block, n, None) for n in ("attention", "intermediate", "output"))
+        inner = getattr(attention, "self", None)
+        out_proj = getattr(attention, "output", None)
+        if None in (inner, out_proj, intermediate, output):
+            slots, head_dim, rope = {}, None, False
+        else:
+            slots = {"q": (inner, "query"), "k": (inner, "key"), "v": (inner, "value"), "o": (out_proj, "dense"),
+                     "up": (intermediate, "dense"), "down": (output, "dense"), "gate": None}
+            head_dim = getattr(inner, "attention_head_size", None)
+            # relative-position BERT variants score keys against positions; only absolute embeddings are safe
+            rope = False
+            if getattr(inner, "position_embedding_type", "absolute") not in (None, "absolute"):
+                slots = {}
+    parts = _Parts(slots, head_dim, rope)
+    needed = ("q", "k", "v", "o", "up", "down") + (("gate",) if slots.get("gate") else ())
+    if not slots or not isinstance(head_dim, int) or not all(isinstance(parts.get(r), nn.Linear) for r in needed):
+        raise TargetError(f"MoDeGPT supports Llama-style blocks (self_attn.q/k/v/o_proj, mlp.up/down_proj) and "
+                          f"BERT-style blocks (attention.self.query/key/value, attention.output.dense, "
+                          f"intermediate.dense, output.dense) made of nn.Linear; {type(block).__name__} is neither "
+                          "(or is already compressed)")
+    return parts
 
 
 def block_influence(model: nn.Module, batches: list) -> torch.Tensor:
-    """s_l = 1 - mean over tokens of cos(block input, block output), one pass over the original model."""
+    """s_l = 1 - mean over (unpadded) tokens of cos(block input, block output), one pass over the original model."""
     blocks = find_blocks(model)[1]
     inputs = capture_block_inputs(model, blocks[0], batches)
+    masks = token_masks(batches) or [None] * len(inputs)
     scores = []
     for block in blocks:
         outs = run_block(block, inputs)
-        cos = [F.cosine_similarity(block_hidden(a, k).double(), o.double(), dim=-1).flatten()
-               for (a, k), o in zip(inputs, outs)]
+        cos = [F.cosine_similarity(real_rows(block_hidden(a, k), m).double(), real_rows(o, m).double(), dim=-1)
+               for (a, k), o, m in zip(inputs, outs, masks)]
         scores.append(1 - float(torch.cat(cos).mean()))
         inputs = [with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
     return torch.tensor(scores, dtype=torch.float64)
 
 
-def _compress_mlp(mlp: nn.Module, corr: torch.Tensor, keep: float, ridge: float) -> None:
-    down = mlp.down_proj
+def _compress_mlp(parts: _Parts, corr: torch.Tensor, keep: float, ridge: float) -> None:
+    down = parts.get("down")
     k = max(1, math.floor(keep * down.in_features))
     kept, refit = nystrom_columns(corr, k, ridge)
     dtype = down.weight.dtype
-    for name in ("gate_proj", "up_proj"):
-        old = getattr(mlp, name, None)
+    for name in ("gate", "up"):
+        old = parts.get(name)
         if old is None:
             continue
         new = nn.Linear(old.in_features, k, bias=old.bias is not None).to(dtype)
@@ -236,13 +283,13 @@ def _compress_mlp(mlp: nn.Module, corr: torch.Tensor, keep: float, ridge: float)
             new.weight.copy_(old.weight[kept])
             if old.bias is not None:
                 new.bias.copy_(old.bias[kept])
-        setattr(mlp, name, new)
+        parts.set(name, new)
     new_down = nn.Linear(k, down.out_features, bias=down.bias is not None).to(dtype)
     with torch.no_grad():
         new_down.weight.copy_((down.weight.double() @ refit.T).to(dtype))
         if down.bias is not None:
             new_down.bias.copy_(down.bias)
-    mlp.down_proj = new_down
+    parts.set("down", new_down)
 
 
 def _head_diag(weight: torch.Tensor, bias: torch.Tensor | None, corr: torch.Tensor, mean: torch.Tensor,
@@ -266,22 +313,24 @@ def _scatter(linear: nn.Linear, rows: torch.Tensor) -> ScatterOutputLinear:
     return new.to(linear.weight.dtype)
 
 
-def _compress_qk(attn: nn.Module, corr: torch.Tensor, mean: torch.Tensor, keep: float) -> None:
-    hd = attn.head_dim
-    group = attn.q_proj.out_features // attn.k_proj.out_features
-    k = max(2, 2 * math.floor(keep * hd / 2))
-    q_diag = _head_diag(attn.q_proj.weight, attn.q_proj.bias, corr, mean, hd)
-    k_diag = _head_diag(attn.k_proj.weight, attn.k_proj.bias, corr, mean, hd)
-    kept = cr_head_dims(q_diag, k_diag, group, k, rope=True)
+def _compress_qk(parts: _Parts, corr: torch.Tensor, mean: torch.Tensor, keep: float) -> None:
+    hd = parts.head_dim
+    q, key = parts.get("q"), parts.get("k")
+    group = q.out_features // key.out_features
+    # RoPE keeps whole rotary pairs, so an even number of dims
+    k = max(2, 2 * math.floor(keep * hd / 2)) if parts.rope else max(1, math.floor(keep * hd))
+    q_diag = _head_diag(q.weight, q.bias, corr, mean, hd)
+    k_diag = _head_diag(key.weight, key.bias, corr, mean, hd)
+    kept = cr_head_dims(q_diag, k_diag, group, k, rope=parts.rope)
     k_rows = torch.cat([j * hd + dims for j, dims in enumerate(kept)])
     q_rows = torch.cat([h * hd + kept[h // group] for h in range(len(kept) * group)])
-    attn.q_proj = _scatter(attn.q_proj, q_rows)
-    attn.k_proj = _scatter(attn.k_proj, k_rows)
+    parts.set("q", _scatter(q, q_rows))
+    parts.set("k", _scatter(key, k_rows))
 
 
-def _compress_vo(attn: nn.Module, corr: torch.Tensor, keep: float, ridge: float) -> None:
-    hd = attn.head_dim
-    v, o = attn.v_proj, attn.o_proj
+def _compress_vo(parts: _Parts, corr: torch.Tensor, keep: float, ridge: float) -> None:
+    hd = parts.head_dim
+    v, o = parts.get("v"), parts.get("o")
     n_kv, n_heads = v.out_features // hd, o.in_features // hd
     group = n_heads // n_kv
     k = max(1, math.floor(keep * hd))
@@ -308,21 +357,23 @@ def _compress_vo(attn: nn.Module, corr: torch.Tensor, keep: float, ridge: float)
         new_o_layer.weight.copy_(torch.cat(new_o_cols, dim=1).to(dtype))
         if has_bias:
             new_o_layer.bias.copy_(o_bias.to(dtype))
-    attn.v_proj, attn.o_proj = new_v_layer.to(dtype), new_o_layer.to(dtype)
+    parts.set("v", new_v_layer.to(dtype))
+    parts.set("o", new_o_layer.to(dtype))
 
 
 def compress(model: nn.Module, config: ModeGPTConfig, calibration) -> tuple[nn.Module, CompressionReport]:
-    """Compress every block of a Llama-style model in place with MoDeGPT (needs calibration batches)."""
+    """Compress every block of a Llama- or BERT-style model in place with MoDeGPT (needs calibration batches)."""
     batches = check_calibration(model, calibration)
     found = find_blocks(model)
     if found is None:
-        raise TargetError(f"{type(model).__name__} has no transformer blocks: MoDeGPT needs Llama-style blocks")
+        raise TargetError(f"{type(model).__name__} has no transformer blocks: MoDeGPT needs Llama- or BERT-style blocks")
     prefix, blocks = found
-    for block in blocks:
-        _llama_parts(block)
-    names = [f"{prefix}.{i}.{part}" for i in range(len(blocks)) for part in
-             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if _has(model, f"{prefix}.{i}.{part}")]
+    names = []
+    for i, block in enumerate(blocks):
+        parts = _block_parts(block)
+        by_module = {id(m): n for n, m in block.named_modules()}
+        names += [f"{prefix}.{i}.{by_module[id(parts.get(role))]}" for role in ("q", "k", "v", "o", "gate", "up", "down")
+                  if parts.get(role) is not None]
     builder = ReportBuilder("modegpt", model, config, names)
     mean_sparsity = 1.0 - config.ratio
     if config.allocation == "global" and mean_sparsity > 0:
@@ -332,27 +383,21 @@ def compress(model: nn.Module, config: ModeGPTConfig, calibration) -> tuple[nn.M
     else:
         phis = torch.full((len(blocks),), mean_sparsity, dtype=torch.float64)
     builder.report.extra["layer_sparsity"] = phis.tolist()
+    masks = token_masks(batches)
     for index, block, inputs in blockwise(model, batches, "modegpt: blocks"):
         keep = 1.0 - float(phis[index])
-        attn, mlp = _llama_parts(block)
-        stats, remove = moment_hooks({"attn": attn.q_proj, "mlp": mlp.down_proj}, side="input")
+        parts = _block_parts(block)
+        stats, remove = moment_hooks({"attn": parts.get("q"), "mlp": parts.get("down")}, side="input", masks=masks)
         try:
             run_block(block, inputs)
         finally:
             remove()
         if "mlp" in config.modules:
-            _compress_mlp(mlp, stats["mlp"].correlation(), keep, config.nystrom_ridge)
+            _compress_mlp(parts, stats["mlp"].correlation(), keep, config.nystrom_ridge)
         if "qk" in config.modules:
-            _compress_qk(attn, stats["attn"].correlation(), stats["attn"].mean(), keep)
+            _compress_qk(parts, stats["attn"].correlation(), stats["attn"].mean(), keep)
         if "vo" in config.modules:
-            _compress_vo(attn, stats["attn"].correlation(), keep, config.vo_ridge)
+            _compress_vo(parts, stats["attn"].correlation(), keep, config.vo_ridge)
         builder.report.layers[f"{prefix}.{index}"] = {"sparsity": float(phis[index])}
     return model, builder.finish()
 
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        get_module(model, name)
-        return True
-    except AttributeError:
-        return False

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune(
         method: str = typer.Option("lora", help="Registered method name (see `rankwise methods`)."),
-        rank: Optional[int] = typer.Option(8, help="Rank (the method's rank field); omit for rank-free methods with --rank 0."),
+        rank: Optional[int] = typer.Option(None, min=1, help="Rank (the method's rank field); default: the method's own default."),
         targets: str = typer.Option("query,key,value,dense", help="Comma-separated module names, a regex, or 'all-linear'."),
         option: list[str] = typer.Option([], "--option", "-o", help="Extra method field as key=value (JSON values), repeatable."),
         epochs: int = typer.Option(2, min=1),
@@ -74,28 +75,52 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
         procedure: Optional[str] = typer.Option(None, help="Training procedure: allora, ggpo, increlora, triadapt, diffora, maestro, trp."),
         procedure_option: list[str] = typer.Option([], "--procedure-option", "-p", help="Procedure argument as key=value (JSON values), repeatable."),
+        nproc: int = typer.Option(1, help="Data-parallel processes on this machine (torch.distributed: gloo on CPU, NCCL on GPU); "
+                                          "--batch-size is the global batch. Several machines: see docs/distributed.md."),
     ) -> None:
         """Fine-tune a text classifier with an adapter; evaluate before and after; save adapter, metrics, plot."""
         import torch
 
         from rankwise.core.console import print_error
-        from rankwise.core.errors import RankwiseError
+        from rankwise.core.errors import ConfigError, RankwiseError
         from rankwise.data.text import load_text_classification
+        from rankwise.train import distributed
         from rankwise.train.finetune import FinetuneSpec, finetune_classifier
         from rankwise.train.loop import TrainConfig
 
-        if threads:
+        external = distributed.launched_externally()  # torchrun / accelerate launch started this process
+        if threads and not (nproc > 1 or external):
             torch.set_num_threads(threads)
         target_list = targets if targets == "all-linear" or "*" in targets or "(" in targets else [t for t in targets.split(",") if t]
         try:
+            distributed.check_nproc(nproc)
+            if external and nproc > 1:
+                raise ConfigError(f"--nproc={nproc} inside a torchrun/accelerate launch: the launcher already started "
+                                  f"{os.environ['WORLD_SIZE']} processes; drop --nproc (set the launcher's --nproc_per_node)")
             dataset = load_text_classification(data, train_size, test_size, seed, text_field, label_field)
             spec = FinetuneSpec(
                 method=method, rank=rank or None, targets=target_list, method_options=_parse_options(option),
                 max_length=max_length, batch_size=batch_size, train=TrainConfig(epochs=epochs, lr=lr, seed=seed),
                 procedure=procedure, procedure_options=_parse_options(procedure_option),
             )
-            console.print(f"[bold]{dataset.summary()}[/bold]")
-            metrics = finetune_classifier(dataset, spec, output, model_path=model)
+            if external:
+                if threads:
+                    torch.set_num_threads(threads)
+                dp = distributed.init_from_env()
+                if dp.is_main:
+                    console.print(f"[bold]{dataset.summary()}[/bold] on {dp.world_size} processes ({distributed.default_backend()})")
+                metrics = finetune_classifier(dataset, spec, output, model_path=model, data_parallel=dp)
+                if not dp.is_main:
+                    return
+            elif nproc > 1:
+                from rankwise.train.finetune import finetune_worker
+
+                console.print(f"[bold]{dataset.summary()}[/bold] on {nproc} processes ({distributed.default_backend()})")
+                distributed.launch(finetune_worker, nproc, args=(dataset, spec, output, model), threads=threads)
+                metrics = json.loads((output / "metrics.json").read_text())
+            else:
+                console.print(f"[bold]{dataset.summary()}[/bold]")
+                metrics = finetune_classifier(dataset, spec, output, model_path=model)
         except RankwiseError as err:
             print_error(err, console)
             raise typer.Exit(2) from None
@@ -107,5 +132,5 @@ def register(app: typer.Typer) -> None:
         finetune(
             method="lora", rank=8, targets="query,key,value,dense", option=["lora_alpha=16"], epochs=2, lr=2e-3,
             batch_size=32, max_length=64, train_size=2400, test_size=800, data=None, text_field="text",
-            label_field="label", model=None, output=output, seed=0, threads=0, procedure=None, procedure_option=[],
+            label_field="label", model=None, output=output, seed=0, threads=0, procedure=None, procedure_option=[], nproc=1,
         )

@@ -46,7 +46,8 @@ def normalise_weights(weights: Iterable[float]) -> list[float]:
 def short_reason(reason: str) -> str:
     """The client's own exception message out of Flower's wrapped Ray traceback."""
     found = re.findall(r"Message: (.*)", reason)
-    return (found[-1] if found else reason.strip().splitlines()[-1] if reason.strip() else "error")[:200]
+    # Flower wraps the message in the repr of its exception: drop the repr's closing quote and bracket
+    return (found[-1].rstrip("'\">").strip() if found else reason.strip().splitlines()[-1] if reason.strip() else "error")[:200]
 
 
 class LoraStrategy(FedAvg):
@@ -67,6 +68,10 @@ class LoraStrategy(FedAvg):
         self.global_state: dict[str, torch.Tensor] = {}
         self.round_log: dict[int, dict] = {}
 
+    def extra_log(self) -> dict[str, float]:
+        """Strategy-specific numbers of the last aggregation, added to the round's history row."""
+        return {}
+
     # ---- the maths: pure functions of tensors ---------------------------------------------------
     def aggregate_layer(self, layer: str, As, Bs, weights, global_state, server_round) -> dict[str, torch.Tensor]:
         """Return this layer's new global tensors (`<layer>.lora_A`, `.lora_B`, maybe `.base_delta`)."""
@@ -78,16 +83,34 @@ class LoraStrategy(FedAvg):
         if len(client_states) != len(p):
             raise ShapeError(f"{len(client_states)} client states but {len(p)} weights")
         new_state: dict[str, torch.Tensor] = {}
+        errors = []
         for layer in lora_layers(global_state):
             As = [s.get(layer + A_SUFFIX, global_state[layer + A_SUFFIX]) for s in client_states] if self.trains_A else None
             Bs = [s[layer + B_SUFFIX] for s in client_states]
             new_state.update(self.aggregate_layer(layer, As, Bs, p, global_state, server_round))
+            errors.append(self.product_error(layer, As, Bs, p, global_state, new_state))
+        self.last_product_error = sum(errors) / len(errors) if errors else 0.0
         for key in global_state:
             if not is_factor_key(key):
                 new_state[key] = sum(w * s[key].float() for s, w in zip(client_states, p))
             elif key not in new_state:  # e.g. an unchanged base_delta
                 new_state[key] = global_state[key]
         return new_state
+
+    @torch.no_grad()
+    def product_error(self, layer, As, Bs, weights, global_state, new_state) -> float:
+        """||what the new global model applies - sum p_k B_k A_k||_F / ||sum p_k B_k A_k||_F for one layer.
+
+        What the new global applies is `B A` of the broadcast factors plus whatever was folded into the frozen
+        weight this round (stacking), in units of B A (the LoRA scale divided out). Zero for an exact aggregation.
+        """
+        A_old = global_state[layer + A_SUFFIX].double()
+        target = sum(w * (B.double() @ (A.double() if As is not None else A_old)) for A, B, w in
+                     zip(As if As is not None else [None] * len(Bs), Bs, weights))
+        applied = new_state[layer + B_SUFFIX].double() @ new_state[layer + A_SUFFIX].double()
+        if layer + DELTA_SUFFIX in new_state:
+            applied = applied + (new_state[layer + DELTA_SUFFIX].double() - global_state[layer + DELTA_SUFFIX].double()) / self.scaling
+        return float(torch.linalg.matrix_norm(applied - target) / torch.linalg.matrix_norm(target).clamp_min(1e-30))
 
     # ---- Flower plumbing ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
@@ -108,4 +131,6 @@ class LoraStrategy(FedAvg):
         states = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
         weights = [next(iter(c.metric_records.values()))[self.weighted_by_key] for c in contents]
         new_state = self.aggregate_states(self.global_state, states, weights, server_round)
+        self.round_log[server_round]["product_error"] = self.last_product_error
+        self.round_log[server_round].update(self.extra_log())
         return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

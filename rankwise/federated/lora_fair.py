@@ -39,7 +39,17 @@ class LoraFairStrategy(LoraStrategy):
         super().__init__(**kwargs)
         self.lam = float(lam)
 
+    def aggregate_states(self, global_state, client_states, weights, server_round: int = 1):
+        self._fedit_errors: list[float] = []
+        return super().aggregate_states(global_state, client_states, weights, server_round)
+
     def aggregate_layer(self, layer, As, Bs, weights, global_state, server_round):
         A_bar, B_bar, correction = residual_correction(As, Bs, weights, self.lam)
         self.last_correction_norm = float(correction.norm())
+        # FedIT's error on the very same uploads: the paper's claim is that the correction shrinks it
+        self._fedit_errors.append(self.product_error(layer, As, Bs, weights, global_state, {layer + A_SUFFIX: A_bar, layer + B_SUFFIX: B_bar}))
         return {layer + A_SUFFIX: A_bar, layer + B_SUFFIX: B_bar + correction}
+
+    def extra_log(self) -> dict[str, float]:
+        errors = getattr(self, "_fedit_errors", [])
+        return {"fedit_product_error": sum(errors) / len(errors)} if errors else {}

@@ -8,6 +8,11 @@
 A client that raises or misses the round timeout sends no valid reply: it is dropped for that round (the
 p_k are renormalised over the others) and training continues. `resume=True` continues from the last
 checkpoint to the same result as an uninterrupted run (client seeds depend only on (seed, round, client)).
+
+Before its first round the server waits (up to STARTUP_TIMEOUT) until every client has answered a "query"
+message: starting Ray, the actors' imports and reading the feature file are thus never charged to a
+round's timeout. Otherwise a loaded machine could drop a healthy client from the first round, and an
+uninterrupted and a resumed run would silently take different paths.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from rankwise.federated.partition import partition
 from rankwise.federated.task import HeadSpec, build_model, evaluate_features, load_features, load_model_state, model_state, train_local
 
 STATE_FILE = "server_state.json"
-STARTUP_ALLOWANCE = 180.0  # the first round of a process also waits for Ray to start and import the client actors
+STARTUP_TIMEOUT = 900.0  # seconds for the simulation runtime to start and every client to answer once
 
 
 @dataclass
@@ -101,6 +106,17 @@ def client_data(run: FederatedRun, client: int) -> tuple[torch.Tensor, torch.Ten
     return data["train_x"][idx], data["train_y"][idx]
 
 
+def client_warm_up(run: FederatedRun, client: int) -> None:
+    """Read the features and pay the first-call costs (model build, first forward/backward) outside any round.
+
+    Touches no state a round uses: the model is thrown away and `build_model` restores the RNG it seeds.
+    """
+    torch.set_num_threads(1)
+    x, y = client_data(run, client)
+    model = build_model(run.head)
+    model(features=x[:8], labels=y[:8]).loss.backward()
+
+
 def client_round(run: FederatedRun, client: int, server_round: int, global_state: dict, train_A: bool) -> tuple[dict, dict]:
     """One client's work in one round: the pure function the ClientApp wraps (also used by tests)."""
     if run.fault and run.fault.client == client and run.fault.round == server_round:
@@ -121,6 +137,13 @@ def make_client_app(run: FederatedRun):
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
+
+    @app.query()
+    def ready(msg, context):
+        # the start-up handshake: import and read everything a training round needs, outside any round's timeout
+        client = int(context.node_config["partition-id"])
+        client_warm_up(run, client)
+        return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": client})}), reply_to=msg)
 
     @app.train()
     def train(msg, context):
@@ -182,6 +205,23 @@ def load_checkpoint(directory: Path, run: FederatedRun) -> tuple[int, dict, list
     return int(record["round"]), state, list(record["history"])
 
 
+def wait_for_clients(grid, clients: int, timeout: float = STARTUP_TIMEOUT) -> list[int]:
+    """Round-trip a query to every client; return the partition ids that answered (all, unless the timeout hit)."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < clients and time.monotonic() < deadline:
+        time.sleep(0.2)
+    messages = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    replies = grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic()))
+    ready = sorted(int(next(iter(m.content.metric_records.values()))["partition-id"]) for m in replies if not m.has_error())
+    if len(ready) < clients:
+        logging.getLogger("rankwise.federated").warning(
+            "only clients %s of %d answered the start-up handshake within %.0f s; the others may be dropped in round 1",
+            ready, clients, timeout)
+    return ready
+
+
 def make_server_app(run: FederatedRun, output: Path, resume: bool, result: dict, on_round: Callable[[dict], None] | None = None):
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.serverapp import ServerApp
@@ -200,11 +240,12 @@ def make_server_app(run: FederatedRun, output: Path, resume: bool, result: dict,
             start, state = 0, initial_state(run)
             history = [{"round": 0, **global_accuracy(run, state, test), "answered": 0, "failed": [], "seconds": 0.0}]
         arrays = ArrayRecord(state)
+        if start < run.rounds:
+            wait_for_clients(grid, run.clients)
         for server_round in range(start + 1, run.rounds + 1):
             started = time.perf_counter()
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            timeout = max(run.round_timeout, STARTUP_ALLOWANCE) if server_round == start + 1 else run.round_timeout
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
             # aggregate in client order, so that a resumed run reproduces an uninterrupted one bit for bit
             replies.sort(key=lambda m: -1 if m.has_error() else int(next(iter(m.content.metric_records.values()))["partition-id"]))
             new_arrays, _ = strategy.aggregate_train(server_round, replies)

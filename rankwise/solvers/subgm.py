@@ -58,7 +58,8 @@ def subgm(
         A: (m, d, d) measurement matrices. y: (m,) measurements, possibly with gross outliers.
         rank: search rank r' (may over-estimate the true rank, up to d).
         init_scale: alpha, the norm of the initial U (small: 1e-8).
-        step, decay: eta_t = step * decay**t.
+        step: eta_0 in the step schedule eta_t = step * decay**t.
+        decay: the schedule's geometric factor (eta_t = step * decay**t).
         iterations: maximum number of steps; `tol > 0` stops earlier when ||U_{t+1}-U_t|| <= tol ||U_t||.
         normalize: divide y by a robust estimate of ||X*||_F (median |y| / 0.674) so the default
             steps fit any scale; the returned solution is rescaled back.

@@ -72,12 +72,26 @@ class IncreLoRA(RankAllocator):
 
     def _store_score(self, module: str, delta: torch.Tensor, grad: torch.Tensor) -> None:
         # The hook fires once per micro-batch; like the reference code, the last micro-batch's score counts.
+        if getattr(self, "_data_parallel", None) is not None:
+            # this rank's gradient only: keep the signed product, averaged over the ranks in after_backward
+            self._pending[module] = delta * grad
+            return
         self.score[module] = float((delta * grad).abs().sum() / math.sqrt(delta.numel()))
+
+    def on_step_start(self, state) -> None:
+        self._data_parallel = getattr(state, "data_parallel", None)
+        self._pending: dict[str, torch.Tensor] = {}
 
     def importance(self) -> dict[str, float]:
         return {m: self.ipt[m] * self.unc[m] for m in self.adapters}
 
     def after_backward(self, state) -> None:
+        pending = getattr(self, "_pending", {})
+        if pending:  # data-parallel: the score of the global gradient, the same on every rank
+            state.data_parallel.average_([pending[m] for m in sorted(pending)])
+            for m, product in pending.items():
+                self.score[m] = float(product.abs().sum() / math.sqrt(product.numel()))
+            pending.clear()
         if self.budget_left() <= 0:
             return
         for m, score in self.score.items():

@@ -109,9 +109,11 @@ def dense_trainable(model, targets, head: list[str]):
 
 
 def save_dense_low_rank(model, procedure, directory) -> dict[str, int]:
-    """TRP's end: split the trained targets into low-rank factors (in place) and save them."""
+    """TRP's end: split the trained targets into low-rank factors (in place) and save them (`directory=None`:
+    split only, as the non-writing ranks of a data-parallel run do)."""
     from rankwise.train.trp import decompose, save_low_rank
 
     ranks = decompose(model, list(procedure.layers), only_if_smaller=True)
-    save_low_rank(model, ranks, directory)
+    if directory is not None:
+        save_low_rank(model, ranks, directory)
     return ranks

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from _compress_models import tiny_llama, token_batches
+from _compress_models import padded_batches, tiny_bert, tiny_llama, token_batches
 from rankwise.compress import LowRankLinear, compress, load_compressed, save_compressed
 from rankwise.compress.afm import AFMConfig, LowRankEmbedding, afm_linear
 from rankwise.core.errors import ConfigError, TargetError
@@ -153,3 +153,16 @@ def test_movielens_ctr_data_loads_offline():
     assert 0.5 < float(data.labels.mean()) < 0.6  # rating >= 4
     train, valid, test = data.split()
     assert len(train.labels) + len(valid.labels) + len(test.labels) == 100_000
+
+
+@pytest.mark.parametrize("method", ["afm", "modegpt"])
+def test_padded_positions_do_not_move_calibration_statistics(method):
+    """Only unpadded tokens count: changing what sits under attention_mask == 0 must not change the result."""
+    batches = padded_batches()
+    other = [{"input_ids": torch.where(b["attention_mask"].bool(), b["input_ids"], torch.full_like(b["input_ids"], 7)),
+              "attention_mask": b["attention_mask"]} for b in batches]
+    assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, other))
+    first, _ = compress(tiny_bert(), method, batches, ratio=0.6)
+    second, _ = compress(tiny_bert(), method, other, ratio=0.6)
+    for (name, p), (_, q) in zip(first.state_dict().items(), second.state_dict().items()):
+        torch.testing.assert_close(p, q, msg=name, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from _compress_models import tiny_llama, token_batches
+from _compress_models import padded_batches, tiny_bert, tiny_llama, token_batches
 from rankwise.compress import compress, load_compressed, save_compressed
 from rankwise.compress.modegpt import (GatherInputLinear, ModeGPTConfig, ScatterOutputLinear, allocate_sparsity,
                                        cr_head_dims, nystrom_columns, value_output_svd)
@@ -91,6 +91,24 @@ def test_shapes_ratio_and_round_trip():
         save_compressed(model, out, method="modegpt")
         again = load_compressed(out)
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_bert_blocks_full_ratio_exact_and_half_ratio_shapes_and_reload():
+    model = tiny_bert()
+    batch = padded_batches(1, seed=7)[0]
+    reference = model(**batch).last_hidden_state
+    full, _ = compress(tiny_bert(), "modegpt", padded_batches(), ratio=1.0)
+    assert (full(**batch).last_hidden_state - reference).abs().max() < 1e-4
+    model, report = compress(model, "modegpt", padded_batches(), ratio=0.5, allocation="uniform")
+    layer = model.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == 32 and layer.output.dense.in_features == 32
+    # no RoPE: an odd number of dims per head may be kept (here 4 of 8)
+    assert layer.attention.self.query.weight.shape[0] == 4 * 4 and layer.attention.self.value.weight.shape[0] == 4 * 4
+    assert abs(report.compressed_ratio - 0.5) < 0.01
+    with tempfile.TemporaryDirectory() as out:
+        save_compressed(model, out, method="modegpt")
+        again = load_compressed(out)
+        torch.testing.assert_close(again(**batch).last_hidden_state, model(**batch).last_hidden_state)
 
 
 def test_global_allocation_reported():

@@ -103,6 +103,15 @@ def test_reference_init_is_nonzero_and_zero_init_is_exact():
     torch.testing.assert_close(model(x), reference(x))
 
 
+def test_zero_init_still_trains():
+    # the subtracted initial kernel is a constant; the difference must keep the factors' graph
+    model, _ = _adapt(zero_init=True)
+    model(torch.randn(4, 48)).pow(2).sum().backward()
+    adapter = _adapter(model)
+    assert adapter.lora_In.grad is not None and adapter.lora_In.grad.abs().sum() > 0
+    assert adapter.lora_Out.grad is not None and adapter.lora_Out.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("field,value", [("low_rank_dim", 3), ("low_rank_dim", 0), ("sparsity", 1.0),
                                          ("sparsity", -0.1), ("competition", "top"), ("zero_init", 1), ("dropout", 2)])
 def test_bad_config(field, value):

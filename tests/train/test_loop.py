@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from train_helpers import batcher, ce_loss, lora_mlp, task, trainable
+from train_helpers import accuracy, batcher, ce_loss, lora_mlp, task, trainable
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rankwise.core.errors import CheckpointError, ConfigError
@@ -59,6 +59,26 @@ def test_resume_at_epoch_boundary(tmp_path):
     full, _ = _run(tmp_path / "full")
     _run(tmp_path / "cut", stop_after=10)  # step 10 ends epoch 2 (5 steps per epoch)
     resumed, _ = _run(tmp_path / "cut", resume=True)
+    for name, tensor in trainable(full).items():
+        assert torch.equal(tensor, dict(resumed.named_parameters())[name]), name
+
+
+def test_evaluation_drawing_random_numbers_does_not_break_resume(tmp_path):
+    """An evaluate() that consumes the RNG (dropout left on) runs right after a checkpoint; resume must still be exact."""
+    x, y = task(40)
+
+    def noisy_eval(model):
+        return {"noise": float(torch.rand(())), "accuracy": accuracy(model, x, y)}
+
+    def run(tmp, **kwargs):
+        model = lora_mlp(seed=2, lora_dropout=0.1)
+        config = TrainConfig(epochs=3, grad_accum=2, checkpoint_every=2, eval_every=2, lr=5e-3)
+        train(model, batcher(x, y, 4), ce_loss, config, evaluate=noisy_eval, progress=False, output_dir=tmp, **kwargs)
+        return model
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=7)
+    resumed = run(tmp_path / "cut", resume_from="latest")
     for name, tensor in trainable(full).items():
         assert torch.equal(tensor, dict(resumed.named_parameters())[name]), name
 
