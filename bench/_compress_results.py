@@ -79,7 +79,7 @@ def markdown_table(data: dict, metrics: list[str], title: str) -> str:
     svd = {r["ratio"]: r for r in runs if r["method"] == "svd" and not r["variant"]}
     meta = data["meta"]
     lines = [f"# {title}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list)) and k != "test_labels"]
     labels = meta.get("test_labels")
     # accuracy metrics whose per-tweet predictions were kept: compared with SVD's on the same tweets
     paired = [m for m in metrics if labels is not None and m.endswith("accuracy")
