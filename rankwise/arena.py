@@ -523,6 +523,12 @@ def _fmt(value: Any, key: str) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def _lr_cell(r: dict[str, Any]) -> str:
+    """The selected grid rate, and the adapter's own rate where it differs (ADAPTER_LR_SCALE)."""
+    adapter = next((g.get("adapter_lr") for g in r.get("lr_grid", []) if g["lr"] == r["lr"]), None)
+    return f"{r['lr']:g}" + (f" (adapter {adapter:g})" if adapter is not None and adapter != r["lr"] else "")
+
+
 def results_table(results: list[dict[str, Any]], title: str):
     from rich.table import Table
 
@@ -536,7 +542,7 @@ def results_table(results: list[dict[str, Any]], title: str):
         if "error" in r:
             table.add_row(r["contender"], *["-"] * (len(COLUMNS) + 1), f"[red]{r['error'][:80]}")
         else:
-            table.add_row(r["contender"], *[_fmt(r.get(c), c) for c in COLUMNS], f"{r['lr']:g}", r.get("merge_error", "")[:60])
+            table.add_row(r["contender"], *[_fmt(r.get(c), c) for c in COLUMNS], _lr_cell(r), r.get("merge_error", "")[:60])
     return table
 
 
@@ -546,7 +552,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(LABELS.get(h, h) for h in head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["contender"], *(["error: " + r["error"][:60]] + [""] * len(COLUMNS) if "error" in r
-                                   else [_fmt(r.get(c), c) for c in COLUMNS] + [f"{r['lr']:g}"])]
+                                   else [_fmt(r.get(c), c) for c in COLUMNS] + [_lr_cell(r)])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
