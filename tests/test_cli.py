@@ -2,45 +2,25 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from typer.testing import CliRunner
 
 from rankwise.cli import app
 
+from text_task import write_sentiment_csv, write_tiny_classifier
+
 runner = CliRunner()
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very", "food", "service"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", *WORDS]
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    return path
+    return write_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
 def sentiment_csv(tmp_path_factory):
-    rng = random.Random(0)
-    lines = ["text,label"]
-    for _ in range(400):
-        label = rng.choice(["pos", "neg"])
-        word = rng.choice(WORDS[:3] if label == "pos" else WORDS[3:6])
-        filler = rng.sample(WORDS[6:], 3)
-        lines.append(f"{' '.join(filler[:2] + [word] + filler[2:])},{label}")
-    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "sentiment.csv")
 
 
 def test_methods_lists_lora():

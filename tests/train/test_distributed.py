@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dist_workers import CONFIGS, data_parallel_worker, run
+from text_task import write_sentiment_csv, write_tiny_classifier
 from rankwise.cli import app
 from rankwise.core.errors import ConfigError
 from rankwise.train.distributed import DataParallel, DistributedError, check_nproc, launch, shard_rows
@@ -92,38 +92,16 @@ def test_ranks_with_different_adapters_refuse_to_reduce():
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very", "food", "service"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bert-nodropout")
-    vocab = ["[PAD]", "[UNK]", *WORDS]
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                     max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    return path
+    return write_tiny_classifier(tmp_path_factory.mktemp("tiny-bert-nodropout"), dropout=0.0, seed=0)
 
 
 @pytest.fixture(scope="module")
 def sentiment_csv(tmp_path_factory):
-    rng = random.Random(0)
-    lines = ["text,label"]
-    for _ in range(400):
-        label = rng.choice(["pos", "neg"])
-        word = rng.choice(WORDS[:3] if label == "pos" else WORDS[3:6])
-        filler = rng.sample(WORDS[6:], 3)
-        lines.append(f"{' '.join(filler[:2] + [word] + filler[2:])},{label}")
-    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "sentiment.csv")
 
 
 def _text(result) -> str:
