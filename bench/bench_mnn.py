@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rankwise.analysis.mnn import evaluate_texts, load_base_model, matrix_entropy, matrix_nuclear_norm
+from rankwise.core.io import atomic_write_text
 
 
 def tweets(count: int) -> list[str]:
@@ -92,10 +93,7 @@ def main():
             print(json.dumps(row), flush=True)
             report["models"].append(row)
         del model
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    temporary.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rankwise.analysis.intrinsic_dim import digits_task, fc_network, intrinsic_dimension_sweep, train_classifier
+from rankwise.core.io import atomic_write_text
 
 
 def main() -> None:
@@ -43,10 +44,7 @@ def main() -> None:
         report["sweeps"][projection] = result
         print(projection, "d_int90 =", result["d_int90"], f"({result['seconds']:.1f} s)", flush=True)
     report["load_average_at_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    temporary.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
