@@ -168,7 +168,9 @@ def build_optimizer(model, config: TrainConfig, param_groups, total_steps: int):
 
 @contextlib.contextmanager
 def denormals_flushed(enabled: bool = True):
-    """Flush denormal floats to zero inside the block (CPU only; a no-op where unsupported), then restore."""
+    """Flush denormal floats to zero inside the block (CPU only; a no-op where unsupported).
+
+    torch cannot read the current setting, so flushing is switched off on exit rather than restored."""
     if not enabled:
         yield
         return
