@@ -1,8 +1,11 @@
 """Data-parallel training (rankwise.train.distributed): 2 processes x batch b == 1 process x batch 2b."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +21,18 @@ from rankwise.train.distributed import DataParallel, DistributedError, check_npr
 # Float reduction order differs (rows split over ranks, gradients summed across ranks), nothing else:
 # the adapter after 6 AdamW steps agrees to this absolute tolerance (observed differences are ~1e-7).
 ATOL = 1e-5
+
+
+@contextlib.contextmanager
+def one_launch_at_a_time():
+    """Serialise multi-process launches across pytest-xdist workers: two gloo groups starting at once on a
+    2-core machine sometimes aborted a worker (SIGABRT during set-up) in a clean-clone CI run."""
+    with open(os.path.join(tempfile.gettempdir(), "rankwise-test-distributed.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def test_shards_cover_the_batch_and_weights_give_the_global_mean():
@@ -51,7 +66,8 @@ def test_nproc_is_checked():
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
-    launch(data_parallel_worker, 2, args=(str(out),), threads=1)
+    with one_launch_at_a_time():
+        launch(data_parallel_worker, 2, args=(str(out),), threads=1)
     return out
 
 
@@ -80,14 +96,14 @@ def test_equality_is_not_vacuous():
 
 
 def test_a_failing_worker_is_reported():
-    with pytest.raises(DistributedError, match="training process .* failed: .*No such file"):
+    with one_launch_at_a_time(), pytest.raises(DistributedError, match="training process .* failed: .*No such file"):
         launch(data_parallel_worker, 2, args=("/nonexistent/dir/for/sure",), threads=1)
 
 
 def test_ranks_with_different_adapters_refuse_to_reduce():
     from dist_workers import mismatched_worker
 
-    with pytest.raises(DistributedError, match="trainable tensors differ"):
+    with one_launch_at_a_time(), pytest.raises(DistributedError, match="trainable tensors differ"):
         launch(mismatched_worker, 2, threads=1)
 
 
@@ -124,7 +140,8 @@ def test_cli_nproc_2_matches_nproc_1(tiny_model_dir, sentiment_csv, tmp_path):
             "--batch-size", "16", "--train-size", "300", "--test-size", "80", "--data", str(sentiment_csv),
             "--model", str(tiny_model_dir), "-o", "lora_alpha=8", "--threads", "1"]
     one = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "one")])
-    two = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "two"), "--nproc", "2"])
+    with one_launch_at_a_time():
+        two = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "two"), "--nproc", "2"])
     assert one.exit_code == 0, one.output
     assert two.exit_code == 0, two.output
     assert "on 2 processes (gloo)" in _text(two) and "fine-tuned (after)" in _text(two)  # rank 0's report, once
