@@ -21,6 +21,12 @@ from common import interleaved_medians, machine, peak_rss_in_subprocess, peak_rs
 TARGETS = ["query", "key", "value", "dense"]
 BATCH, SEQ, RANK = 16, 128, 8
 CONTENDERS = ("floor", "rankwise_lora", "peft_lora", "full_finetune")
+# RandLoRA (issue 3) at PEFT's defaults (r=32, alpha=640) on the same targets: `--contenders` adds them.
+RANDLORA = ("rankwise_randlora", "peft_randlora")
+# The floor plus the weight gradient (g^T x) of every targeted layer, no optimizer: what any method whose
+# update is full rank (RandLoRA: rN >= min(out, in)) must add to the floor when its gradients are exact.
+BOUND = "full_rank_bound"
+PAIRS = (("rankwise_lora", "peft_lora"), ("rankwise_randlora", "peft_randlora"))
 
 
 def build_base():
@@ -42,6 +48,12 @@ def make_step(name: str, base):
         params = []
     elif name == "full_finetune":
         params = list(model.parameters())
+    elif name == BOUND:
+        for module_name, module in model.named_modules():
+            targeted = isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in TARGETS
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(targeted and p is module.weight)
+        params = []
     elif name == "rankwise_lora":
         import rankwise
 
@@ -52,6 +64,16 @@ def make_step(name: str, base):
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS))
         params = [p for p in model.parameters() if p.requires_grad]
+    elif name == "rankwise_randlora":
+        import rankwise
+
+        model = rankwise.adapt(model, rankwise.RandLoraConfig(target_modules=TARGETS))
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif name == "peft_randlora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.RandLoraConfig(target_modules=TARGETS))
+        params = [p for p in model.parameters() if p.requires_grad]
     else:
         raise ValueError(name)
     embeddings = base.get_input_embeddings()
@@ -59,7 +81,7 @@ def make_step(name: str, base):
 
     def step():
         # Same input path for everyone; only the floor needs the embedding gradient to force backward through all layers.
-        embeds = embeddings(ids).detach().requires_grad_(name == "floor")
+        embeds = embeddings(ids).detach().requires_grad_(name in ("floor", BOUND))
         out = model(inputs_embeds=embeds).last_hidden_state
         out.float().pow(2).mean().backward()
         if optimizer is not None:
@@ -71,8 +93,9 @@ def make_step(name: str, base):
 
 def main() -> None:
     torch.set_num_threads(int(__import__("os").environ.get("BENCH_THREADS", "2")))
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory":  # child process: one contender, print peak RSS
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory":  # child process: one contender, print peak RSS
         torch.set_flush_denormal(True)
+        TARGETS[:] = sys.argv[3].split(",")
         step, _ = make_step(sys.argv[2], build_base())
         for _ in range(2):
             step()
@@ -82,17 +105,23 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12, help="timed steps per contender (interleaved)")
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=[*CONTENDERS, *RANDLORA, BOUND],
+                        help="which rows to run (the floor always runs); add rankwise_randlora peft_randlora for issue 3")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated module names to adapt")
+    parser.add_argument("--out", default="lora_step", help="JSON name under bench/results/")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="do not flush denormals (rankwise's loop flushes them; see TrainConfig.flush_denormals)")
     args = parser.parse_args()
     # Every contender runs under the same setting, so the ratios measure adapter overhead only.
     torch.set_flush_denormal(not args.keep_denormals)
+    TARGETS[:] = args.targets.split(",")
+    contenders = ["floor", *[name for name in args.contenders if name != "floor"]]
     base = build_base()
     steps, trainable = {}, {}
-    for name in CONTENDERS:
+    for name in contenders:
         steps[name], trainable[name] = make_step(name, base)
     timing = interleaved_medians(steps, warmup=2, rounds=args.rounds)
-    memory = {name: peak_rss_in_subprocess(__file__, "--memory", name) for name in CONTENDERS}
+    memory = {name: peak_rss_in_subprocess(__file__, "--memory", name, args.targets) for name in contenders}
     floor = timing["floor"]["median_s"]
     rows = {
         name: {
@@ -103,26 +132,30 @@ def main() -> None:
             "peak_rss_mb": memory[name],
             "trainable_params": trainable[name],
         }
-        for name in CONTENDERS
+        for name in contenders
     }
-    rows["rankwise_lora"]["ratio_to_peft"] = timing["rankwise_lora"]["median_s"] / timing["peft_lora"]["median_s"]
-    rows["rankwise_lora"]["cpu_ratio_to_peft"] = timing["rankwise_lora"]["cpu_median_s"] / timing["peft_lora"]["cpu_median_s"]
+    for ours, peer in PAIRS:
+        if ours in rows and peer in rows:
+            rows[ours]["ratio_to_peft"] = timing[ours]["median_s"] / timing[peer]["median_s"]
+            rows[ours]["cpu_ratio_to_peft"] = timing[ours]["cpu_median_s"] / timing[peer]["cpu_median_s"]
     payload = {"benchmark": "lora_train_step", "batch": BATCH, "seq": SEQ, "rank": RANK, "targets": TARGETS,
                "flush_denormals": not args.keep_denormals,
                "machine": machine(), "results": rows}
-    path = write_json("lora_step", payload)
+    path = write_json(args.out, payload)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"train step, MiniLM-size encoder, B={BATCH} T={SEQ}, LoRA r={RANK} on {','.join(TARGETS)}")
+    table = Table(title=f"train step, MiniLM-size encoder, B={BATCH} T={SEQ}, on {','.join(TARGETS)} (LoRA r={RANK}; RandLoRA PEFT defaults)")
     for col in ("contender", "step ms", "x floor", "CPU ms", "CPU x floor", "peak RSS MB", "trainable"):
         table.add_column(col, justify="right")
     for name, r in rows.items():
         table.add_row(name, f"{r['step_ms']:.0f}", f"{r['ratio_to_floor']:.3f}", f"{r['cpu_ms']:.0f}", f"{r['cpu_ratio_to_floor']:.3f}",
                       f"{r['peak_rss_mb']:.0f}", f"{r['trainable_params']:,}")
     Console().print(table)
-    print(f"rankwise/PEFT step-time ratio: wall {rows['rankwise_lora']['ratio_to_peft']:.3f}, "
-          f"CPU {rows['rankwise_lora']['cpu_ratio_to_peft']:.3f}; JSON: {path}")
+    for ours, _ in PAIRS:
+        if "ratio_to_peft" in rows.get(ours, {}):
+            print(f"{ours}/PEFT step-time ratio: wall {rows[ours]['ratio_to_peft']:.3f}, CPU {rows[ours]['cpu_ratio_to_peft']:.3f}")
+    print(f"JSON: {path}")
 
 
 if __name__ == "__main__":

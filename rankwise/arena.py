@@ -187,8 +187,8 @@ def method_setup(info, base: nn.Module, spec: ArenaSpec) -> tuple[list[str], dic
       mos   - the shared pool must hold r - private_rank vectors per layer: equivalent_rank is the default (4,
               half LoRA's budget) or, on shallow models, the smallest value that lets every layer draw them.
       bone  - run as Bone's weight-guided "Bat" variant; Bone's default is MiSS's shard sharing, run as `miss`.
-      randlora - randlora_alpha = 20 x rank, the ratio of PEFT's defaults (alpha 640 at r 32), so the scale stays 20;
-              its adapter parameters also train at a tenth of the grid (ADAPTER_LR_SCALE).
+      randlora - its default randlora_alpha (20 x rank, PEFT's ratio) keeps the scale at 20; its adapter
+              parameters train at a tenth of the grid (ADAPTER_LR_SCALE).
     """
     from rankwise.core.config import matches_module
 
@@ -217,8 +217,6 @@ def method_setup(info, base: nn.Module, spec: ArenaSpec) -> tuple[list[str], dic
             options["equivalent_rank"] += 1
     elif info.name == "bone":
         options.update(init_weights="bat")
-    elif info.name == "randlora":
-        options.update(randlora_alpha=20 * spec.rank)  # PEFT's ratio (640 at its r=32); 640 at r=8 is 4x the scale
     return targets, options
 
 

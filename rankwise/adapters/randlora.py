@@ -21,8 +21,11 @@ kept on purpose, because PEFT does the same and files must give the same outputs
 Speed: PEFT runs two token-sized matmuls forward and three backward per layer. When the tokens outnumber
 M*m/(m+M), rankwise instead forms dW = s B_hat A_hat once per step (M*m*rN flops, token-independent) and
 runs one matmul x (W + dW)^T in place of the base call (`fused_forward`); a custom autograd Function saves
-only x, lambda and gamma (not dW, A_hat nor W + dW) and recomputes dW in backward, so the step costs the
-frozen floor plus one token-sized matmul (g^T x) and small M x m products.
+x (or, when the input is the larger side, the narrower x B_hat), lambda and gamma, never dW or A_hat, so
+the step costs the frozen floor plus one token-sized product for the trainable side's gradient and small
+M x m x rN products. That token-sized product (the size of full fine-tuning's weight gradient on square
+layers) cannot be avoided with exact gradients, because rN >= m: the update is full rank by design.
+RandLoRA therefore saves parameters, optimizer state and file size, not compute.
 
 Bases are drawn as PEFT draws them (Kaiming-uniform in bf16 from one CPU generator: A, then N_max slices
 of B; each divided by its std), so `save_projection=False` files reproduce PEFT's bases bit for bit.
@@ -87,37 +90,49 @@ def _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small):
 class FusedRandLoraLinear(torch.autograd.Function):
     """y = x (W + dW)^T + b with dW = s B_hat A_hat, as one matmul that replaces the base call.
 
-    Saved for backward: x, lambda, gamma, and W + dW only when it is smaller than the token-sized hidden
-    tensor PEFT keeps (rN per token); otherwise W + dW is recomputed (one M x rN x m product).
+    The trainable side's gradient needs one token-sized product; which one depends on the side x is on:
+
+        in is the small side (x meets A_hat):  save x,                 grad A_hat = s B_hat^T (g^T x)
+        in is the large side (x meets B_hat):  save h = x B_hat (rN),   grad A_hat = s h^T g
+
+    On the large-input layers (an FFN's down projection) h is rN wide instead of in wide, so the saved
+    activation shrinks by in / rN (4x on MiniLM's FFN output at PEFT's r=32) for about the same flops: h costs
+    T x in x rN in forward, and the backward product T x rN x out replaces T x in x out + rN x in x out.
+    W + dW (M x m) is saved only when it is no larger than A_hat (rN x m), the weight-sized tensor the factored
+    path saves anyway, i.e. on square layers; elsewhere it is recomputed in backward (one M x rN x m product,
+    ~3 % of a MiniLM step) so that the saved tensors never outgrow PEFT's, whatever the token count.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, basis_a, basis_b, scaling, in_small):
         total = _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small)
-        tokens = x.numel() // x.shape[-1]
-        keep = total if total.numel() <= tokens * basis_b.shape[1] else None
-        ctx.save_for_backward(x, weight, lam, gam, basis_a, basis_b, keep)
-        ctx.scaling, ctx.in_small, ctx.has_bias = scaling, in_small, bias is not None
+        keep = total if basis_b.shape[0] <= basis_b.shape[1] else None
+        flat_x = x.reshape(-1, x.shape[-1])
+        # What the trainable side's gradient reads: x itself, or its (narrower) projection on the frozen B_hat.
+        activation = flat_x if in_small else flat_x @ basis_b
+        ctx.save_for_backward(activation, weight, lam, gam, basis_a, basis_b, keep)
+        ctx.scaling, ctx.in_small, ctx.has_bias, ctx.x_shape = scaling, in_small, bias is not None, x.shape
         return F.linear(x, total, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lam, gam, basis_a, basis_b, total = ctx.saved_tensors
+        activation, weight, lam, gam, basis_a, basis_b, total = ctx.saved_tensors
         scaling, in_small = ctx.scaling, ctx.in_small
         grad_x = grad_bias = grad_lam = grad_gam = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
             if total is None:
                 total = _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small)
-            grad_x = (flat_grad @ total).view(x.shape)
+            grad_x = (flat_grad @ total).view(ctx.x_shape)
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_bias = flat_grad.sum(0)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            flat_x = x.reshape(-1, x.shape[-1])
-            # The one token-sized extra matmul: the gradient of B_hat A_hat (M x m), then A_hat's (rN x m), scaled.
-            grad_core = flat_grad.T @ flat_x if in_small else flat_x.T @ flat_grad
-            grad_a_hat = torch.addmm(grad_core.new_zeros(1, 1).expand(basis_b.shape[1], grad_core.shape[1]), basis_b.T, grad_core, beta=0, alpha=scaling)
-            grad_lam, grad_gam = scale_basis_grads(grad_a_hat.view(lam.shape[0], lam.shape[1], -1), basis_a, lam, gam)
+            if in_small:  # the gradient of B_hat A_hat (M x m) first, then A_hat's (rN x m)
+                grad_a_hat = basis_b.T @ (flat_grad.T @ activation)
+            else:
+                grad_a_hat = activation.T @ flat_grad
+            grad_a_hat = grad_a_hat.mul_(scaling).view(lam.shape[0], lam.shape[1], -1)
+            grad_lam, grad_gam = scale_basis_grads(grad_a_hat, basis_a, lam, gam)
         return grad_x, None, grad_bias, grad_lam, grad_gam, None, None, None, None
 
 
@@ -221,7 +236,10 @@ class RandLoraConfig(AdapterConfig):
 
     r: rank of each random base (>= 1, at most min(out, in)); smaller r means more bases, ceil(m / r),
         and more trainable parameters (r*N + N*m per layer).
-    randlora_alpha: scale numerator (> 0); the update is multiplied by randlora_alpha / r (PEFT: ~20 x r).
+    randlora_alpha: scale numerator (> 0); the update is multiplied by randlora_alpha / r. None (default) means
+        20 x r, the ratio of PEFT's defaults (640 at r=32), so changing r keeps the scale at 20; PEFT's fixed 640
+        at r=8 is a scale of 80, at which neither PEFT's nor rankwise's RandLoRA trained on MiniLM (arena).
+        Saved files always hold the number.
     randlora_dropout: dropout on the adapter input, in [0, 1) (training then takes the two-matmul path).
     projection_prng_key: seed of the shared bases (integer >= 0).
     save_projection: write the bases into the file (PEFT's default True); rankwise's default False regenerates them.
@@ -231,7 +249,7 @@ class RandLoraConfig(AdapterConfig):
     """
 
     r: int = 32
-    randlora_alpha: float = 640
+    randlora_alpha: float | None = None
     randlora_dropout: float = 0.0
     projection_prng_key: int = 0
     save_projection: bool = False
@@ -243,6 +261,11 @@ class RandLoraConfig(AdapterConfig):
     supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
     init_property: ClassVar[str] = "zero"
     peft_neutral_fields: ClassVar[dict] = PEFT_COMMON_NEUTRAL
+
+    def __post_init__(self) -> None:
+        if self.randlora_alpha is None and isinstance(self.r, int) and not isinstance(self.r, bool):
+            self.randlora_alpha = 20 * self.r
+        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()

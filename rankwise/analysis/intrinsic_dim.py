@@ -94,11 +94,10 @@ class SubspaceModel(nn.Module):
 
 def digits_task(seed: int = 0, n_train: int = 1200):
     """sklearn digits (8x8 -> 64 features in [0, 1]), 1200 train / 597 test, split by `seed`."""
-    from sklearn.datasets import load_digits
+    from rankwise.data.digits import load_digit_images
 
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
+    images, y = load_digit_images()
+    x = images.flatten(1)
     order = torch.randperm(len(y), generator=seeded_generator(seed))
     return x[order[:n_train]], y[order[:n_train]], x[order[n_train:]], y[order[n_train:]]
 

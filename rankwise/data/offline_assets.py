@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import re
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -73,18 +71,16 @@ def minilm_dir() -> Path:
 def real_text(name: str = "auto") -> str:
     """Running English text: the King James Bible (Debian `bible-kjv`) or gensim's Lee news corpus.
 
-    `auto` takes the Bible when installed, else the Lee corpus.
+    `auto` takes the Bible when installed, else the Lee corpus (both read by `offline_text.load_corpus`).
     """
-    if name in ("auto", "kjv") and shutil.which("bible"):
-        out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
-        # each line starts with a verse reference like "Ge1:1 "; keep the prose only
-        return "\n".join(re.sub(r"^\S+\d+:\d+\s+", "", line) for line in out.splitlines() if line.strip())
-    if name in ("auto", "lee"):
-        spec = importlib.util.find_spec("gensim")
-        if spec is not None and spec.submodule_search_locations:
-            path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / "lee_background.cor"
-            if path.exists():
-                return path.read_text(encoding="utf-8", errors="replace")
+    from rankwise.core.errors import ConfigError
+    from rankwise.data.offline_text import load_corpus
+
+    for corpus in ("kjv", "lee") if name == "auto" else (name,):
+        try:
+            return load_corpus(corpus)
+        except ConfigError:
+            continue
     raise CheckpointError(
         f"real text {name!r} is not available: `apt-get install bible-kjv` (kjv) or `pip install gensim` (lee)"
     )

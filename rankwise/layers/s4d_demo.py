@@ -14,23 +14,21 @@ import torch
 import torch.nn.functional as F
 
 from rankwise.core.errors import ConfigError
+from rankwise.data.digits import load_digit_images
 from rankwise.layers.s4d import S4DClassifier
 from rankwise.linalg import seeded_generator
 
 
 def permuted_digits(side: int = 8, seed: int = 0, n_train: int = 1400):
     """(x_train, y_train, x_test, y_test): x is (n, side*side, 1) in [0, 1], pixels in a fixed random order."""
-    from sklearn.datasets import load_digits
-
     if side not in (8, 16, 32):
         raise ConfigError(f"side={side} is invalid: expected 8, 16 or 32 (sequence length 64, 256 or 1024).")
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    images, labels = load_digit_images()
+    images = images[:, None]
     if side != 8:
         images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
     generator = seeded_generator(seed)
     sequences = images.reshape(len(images), -1)[:, torch.randperm(side * side, generator=generator)]
-    labels = torch.tensor(digits.target)
     order = torch.randperm(len(labels), generator=generator)
     train, test = order[:n_train], order[n_train:]
     return sequences[train, :, None], labels[train], sequences[test, :, None], labels[test]

@@ -95,6 +95,23 @@ def test_fused_path_equals_factored_path(out_f, in_f):
     assert adapter.fused_forward(x[:, :2], layer) is None, "few tokens: the skinny path is cheaper"
 
 
+def test_fused_path_saves_the_narrower_activation():
+    """On a layer whose input is the larger side, backward keeps x B_hat (rN wide), not x (in wide)."""
+    out_f, in_f, r = 16, 96, 4  # rN = 16 < in = 96
+    model = single(out_f, in_f, r=r)
+    randomise(model)
+    layer = model.model[0]
+    adapter = layer.adapters["default"]
+    x = torch.randn(8, 64, in_f, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = adapter.fused_forward(x, layer)
+    token_sized = [t for t in saved if t.dim() >= 2 and t.shape[0] == 8 * 64]
+    assert token_sized and all(t.shape[-1] == r * adapter.n_bases for t in token_sized), [t.shape for t in saved]
+    out.sum().backward()  # and the gradient still flows
+    assert adapter.randlora_gamma.grad is not None and x.grad is not None
+
+
 def test_bases_match_peft_bit_for_bit():
     import warnings
 

@@ -98,3 +98,14 @@ def test_permuted_digits_demo_learns_the_long_range_task():
 
     result = run_sequence_demo(init="lin", epochs=15, seed=0)
     assert result["test_accuracy"] > 0.85  # 10 classes: chance is 0.1
+
+
+def test_digits_without_scikit_learn_name_the_install(monkeypatch):
+    import sys
+
+    from rankwise.core.errors import CheckpointError
+    from rankwise.layers.s4d_demo import permuted_digits
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import of it now raises ImportError
+    with pytest.raises(CheckpointError, match="pip install scikit-learn"):
+        permuted_digits()
