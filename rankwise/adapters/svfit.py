@@ -13,7 +13,13 @@ The update is exactly zero at init and has rank <= r. W is kept as is (no residu
 update runs as a skinny delta path, the cost of a rank-r LoRA. r is either given or chosen per layer
 as the smallest r whose top singular values hold `energy` (default 99 %) of sum(sigma^2) — the paper's
 "over 99 % of the matrix's information" read as an energy criterion (no official code exists).
-U_r, sigma_r, V_r are saved with the adapter, so a reload is exact whatever the SVD backend.
+Files hold s and sigma_r only: U_r and V_r are recomputed from W's SVD when the adapter is wrapped for
+loading. The delta, a sum of (s_i - sigma_i) u_i v_i^T, does not change when an SVD returns a pair as
+(-u_i, -v_i), so the reload is exact up to float error (singular vectors of nearly repeated singular
+values are ill-conditioned: only there can another SVD backend rotate them). sigma_r fingerprints W: a
+file whose sigma_r is more than 1e-4 sigma_1 off the recomputed one was trained on other weights and is
+refused (CheckpointError); otherwise the file's sigma_r is loaded, so s - sigma_r is exactly the trained
+difference. A file whose r differs from the one the energy rule picks now is followed (re-sliced).
 Conv kernels are factorised as out x (in * kernel), embeddings as dim x num_embeddings.
 """
 from __future__ import annotations
@@ -26,22 +32,59 @@ from torch import nn
 
 from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
+from rankwise.core.errors import CheckpointError
 from rankwise.core.registry import register
 from rankwise.linalg import diag_sandwich, energy_rank, flat_rank_limit, truncated_svd
+
+SIGMA_TOLERANCE = 1e-4  # largest max|sigma_file - sigma| / sigma_1 of a file trained on this base weight
+
+
+def spectrum(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of the layer's weight as a matrix, float32."""
+    flat = layer.weight_matrix().detach().float().flatten(1)
+    return truncated_svd(flat, min(flat.shape))
 
 
 class SvfitAdapter(Adapter):
     def __init__(self, config: "SvfitConfig", layer, module_name: str, shared=None):
         super().__init__(config, layer, module_name, shared)
-        weight = layer.weight_matrix().detach()
-        flat = weight.float().flatten(1)
-        U, S, Vh = truncated_svd(flat, min(flat.shape))
+        U, S, Vh = spectrum(layer)
         r = config.r if config.r is not None else energy_rank(S, config.energy)
-        self.r = r
         self.svfit_s = nn.Parameter(S[:r].clone())
-        self.register_buffer("svfit_sigma", S[:r].clone())
-        self.register_buffer("svfit_U", U[:, :r].contiguous())
-        self.register_buffer("svfit_V", Vh[:r].contiguous())  # V_r^T: r x in
+        self.keep_top(U, S, Vh, r)
+
+    def keep_top(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> None:
+        self.r = r
+        self.register_buffer("svfit_sigma", S[:r].clone())  # saved: the base weight's fingerprint
+        self.register_buffer("svfit_U", U[:, :r].contiguous(), persistent=False)
+        self.register_buffer("svfit_V", Vh[:r].contiguous(), persistent=False)  # V_r^T: r x in
+
+    def prepare_load(self, state: dict[str, torch.Tensor], layer) -> None:
+        saved = state.get("svfit_sigma")
+        if saved is None or saved.dim() != 1:
+            return  # the generic key and shape checks name what is wrong
+        r = saved.numel()
+        factors, sigma = None, self.svfit_sigma.detach()
+        if r != self.r:
+            # r=None picks r by energy, and another SVD backend can round that boundary differently: follow the file.
+            factors = spectrum(layer)
+            if not 1 <= r <= factors[1].numel():
+                return  # more values than the layer has: the shape check reports it
+            sigma = factors[1][:r]
+        sigma, saved_sigma = sigma.float().cpu(), saved.float().cpu()
+        drift = float((saved_sigma - sigma).abs().max() / sigma[0].clamp_min(torch.finfo(torch.float32).tiny))
+        # A file or an adapter cast to half precision cannot hold sigma closer than its own rounding.
+        tolerance = max(SIGMA_TOLERANCE, *(torch.finfo(t.dtype).eps for t in (saved, self.svfit_sigma) if t.is_floating_point()))
+        if not drift <= tolerance:
+            raise CheckpointError(
+                f"svfit_sigma of {self.module_name!r}: the adapter was trained on different base weights (its saved "
+                f"singular values differ from this layer's by {drift:.2g} x sigma_1, tolerance {tolerance:.0e}). "
+                "Load it onto the base model it was trained with."
+            )
+        if factors is not None:
+            like, trained = self.svfit_U, self.svfit_s
+            self.keep_top(*(t.to(like) for t in factors), r)
+            self.svfit_s = nn.Parameter(self.svfit_sigma.to(trained).clone(), requires_grad=trained.requires_grad)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         delta = (self.svfit_U * (self.svfit_s - self.svfit_sigma)) @ self.svfit_V

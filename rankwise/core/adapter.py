@@ -13,6 +13,7 @@ Protocol (what a method file implements):
 Optional hooks: `build_shared` (tensors shared across layers, owned once by the model),
 `fused_forward` (replace the base call when one adapter is active and a fused product is cheaper),
 `save_key` (file key of a state entry, PEFT's spelling where PEFT has the method),
+`prepare_load` (see a file's entries before they are checked and copied in: refuse or resize),
 `merged_weight`/`unmerged_weight` (for updates that are not additive),
 `parameter_groups` (learning-rate multipliers).
 """
@@ -73,6 +74,14 @@ class Adapter(nn.Module):
     def save_key(self, local_key: str) -> str:
         """File key of a state entry (relative to the layer's module path)."""
         return local_key
+
+    def prepare_load(self, state: dict[str, torch.Tensor], layer: "AdaptedLayer") -> None:
+        """Optional: see the tensors about to be loaded into this adapter, before their keys and shapes are checked.
+
+        `state` maps this adapter's own state keys (as in `state_dict()`) to the file's tensors; keys the file lacks
+        are absent. Raise `CheckpointError` if they cannot belong to this layer, or resize the adapter to fit them
+        (a rank chosen at wrap time). Called by `load_adapter` and by torch's `load_state_dict`. Default: nothing.
+        """
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups with `lr_scale` multipliers; default: one group, scale 1."""

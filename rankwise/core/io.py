@@ -2,7 +2,8 @@
 
 Keys are `base_model.model.<module path>.<adapter key>` without the adapter name, as PEFT writes
 them; an adapter other than the first is saved in a sub-directory named after it. Files are written
-atomically; loading validates every key and shape before touching the model.
+atomically; loading validates every key and shape before touching the model (an adapter may first refuse
+its entries or resize to them, `Adapter.prepare_load`).
 """
 from __future__ import annotations
 
@@ -109,7 +110,19 @@ def read_weights(directory) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} cannot be read as safetensors ({err}); the file is truncated or corrupted") from None
 
 
+def _prepare_adapters(model, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+    """Show each adapter its file entries first (`Adapter.prepare_load`): it may refuse them or resize to them."""
+    for module_name, layer in model.adapted_layers():
+        if adapter_name not in layer.adapters:
+            continue
+        adapter = layer.adapters[adapter_name]
+        prefix = f"{PREFIX}{module_name}."
+        keys = {key: prefix + adapter.save_key(key) for key in adapter.state_dict()}
+        adapter.prepare_load({key: weights[file_key] for key, file_key in keys.items() if file_key in weights}, layer)
+
+
 def _check_and_load(model, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+    _prepare_adapters(model, adapter_name, weights)
     expected = adapter_state_dict(model, adapter_name)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

@@ -40,6 +40,12 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def _prepare_adapters(layer: "AdaptedLayer", state_dict: dict, prefix: str, *args, **kwargs) -> None:
+    for name, adapter in layer.adapters.items():
+        inner = f"{prefix}adapters.{name}."
+        adapter.prepare_load({key: state_dict[inner + key] for key in adapter.state_dict() if inner + key in state_dict}, layer)
+
+
 class AdaptedLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -54,6 +60,9 @@ class AdaptedLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.routing: list[str] | None = None  # per-sample adapter names, set by the model for one call
+        # torch's load_state_dict runs a module's pre-hooks before it loads the children, so the adapters see
+        # their entries (`Adapter.prepare_load`) before torch checks shapes, as with `load_adapter`.
+        self.register_load_state_dict_pre_hook(_prepare_adapters)
 
     # ---- geometry -----------------------------------------------------------------------------
     @property

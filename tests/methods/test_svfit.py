@@ -1,8 +1,12 @@
-"""SVFit numeric checks (spec methods-adapters-a.md section 5)."""
+"""SVFit numeric checks (spec methods-adapters-a.md section 5); files hold only s and sigma_r."""
 from __future__ import annotations
+
+import copy
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import rankwise
@@ -66,6 +70,112 @@ def test_conv_kernel_is_factorised_flat():
     with torch.no_grad():
         adapter.svfit_s.add_(1.0)
     assert model.delta_weights()["conv2"].shape == (16, 16, 3, 3)
+
+
+def three_layers():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 8))
+
+
+def trained(base, config, steps=5):
+    """An SVFit model on `base` whose s took a few SGD steps (the update is no longer zero)."""
+    model = rankwise.adapt(base, config)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    x, target = torch.randn(32, 48, generator=gen), torch.randn(32, 8, generator=gen)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (model(x) - target).pow(2).mean().backward()
+        optimizer.step()
+    assert any(torch.count_nonzero(d) for d in model.delta_weights().values())
+    return model.eval()
+
+
+def ranks(model) -> list[int]:
+    return [layer.adapters["default"].r for _, layer in model.adapted_layers()]
+
+
+def test_file_holds_only_s_and_sigma(tmp_path):
+    model = rankwise.adapt(three_layers(), rankwise.SvfitConfig(target_modules=["0", "2", "4"]))
+    model.save_adapter(tmp_path)
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k.rsplit(".", 1)[-1] for k in state} == {"svfit_s", "svfit_sigma"}
+    assert sum(t.numel() for t in state.values()) == 2 * sum(ranks(model))
+    # With U_r and V_r the file held out + in + 2 floats per singular value: 36 kB here against a 6.8 kB bound.
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < 8 * sum(ranks(model)) * 4 + 4096
+
+
+def test_reload_gives_the_trained_outputs(tmp_path):
+    base = three_layers()
+    fresh_base = copy.deepcopy(base)
+    model = trained(base, rankwise.SvfitConfig(target_modules=["0", "2", "4"]))
+    x = torch.randn(16, 48)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_adapter(tmp_path)
+    torch.manual_seed(99)
+    loaded = rankwise.load_adapter(fresh_base, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=0)
+
+
+def test_torch_load_state_dict_reloads_too():
+    base = three_layers()
+    config = rankwise.SvfitConfig(target_modules=["0", "2", "4"])
+    fresh = rankwise.adapt(copy.deepcopy(base), config)
+    model = trained(base, config)
+    x = torch.randn(16, 48)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9999], ids=["fewer", "more"])
+def test_file_rank_wins_over_the_energy_rule(energy, tmp_path):
+    """A wrap that picks another r than the file (another SVD backend at the energy boundary) follows the file."""
+    base = three_layers()
+    fresh_base = copy.deepcopy(base)
+    model = trained(base, rankwise.SvfitConfig(target_modules=["0", "2", "4"], energy=0.9))
+    x = torch.randn(16, 48)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_adapter(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "energy": energy}))
+    by_rule = rankwise.adapt(copy.deepcopy(fresh_base), rankwise.SvfitConfig(target_modules=["0", "2", "4"], energy=energy))
+    assert ranks(by_rule) != ranks(model), "the edited energy must make the wrap pick other ranks than the file's"
+    loaded = rankwise.load_adapter(fresh_base, tmp_path)
+    assert ranks(loaded) == ranks(model)
+    for name, layer in loaded.adapted_layers():
+        adapter = layer.adapters["default"]
+        assert adapter.svfit_U.shape[1] == adapter.svfit_V.shape[0] == adapter.r, name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=0)
+
+
+def test_file_from_other_base_weights_is_refused(tmp_path):
+    base = three_layers()
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other[2].weight.add_(torch.randn(other[2].weight.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    trained(base, rankwise.SvfitConfig(target_modules=["0", "2", "4"])).save_adapter(tmp_path)
+    with pytest.raises(rankwise.CheckpointError, match=r"'2'.*trained on different base weights"):
+        rankwise.load_adapter(other, tmp_path)
+    assert not any(isinstance(m, rankwise.core.layer.AdaptedLayer) for m in other.modules()), "a failed load leaves the base as it was"
+    wrapped = rankwise.adapt(other, rankwise.SvfitConfig(target_modules=["0", "2", "4"]))
+    with pytest.raises(rankwise.CheckpointError, match=r"'2'.*trained on different base weights"):
+        wrapped.load_adapter(tmp_path, "loaded")
+    assert list(wrapped.configs) == ["default"]
+
+
+def test_torch_load_state_dict_refuses_other_base_weights():
+    base = three_layers()
+    config = rankwise.SvfitConfig(target_modules=["0", "2", "4"], r=3)
+    state = {k: v for k, v in trained(copy.deepcopy(base), config).state_dict().items() if ".adapters." in k}
+    with torch.no_grad():
+        base[4].weight.mul_(1.01)
+    with pytest.raises(rankwise.CheckpointError, match=r"'4'.*trained on different base weights"):
+        rankwise.adapt(base, config).load_state_dict(state, strict=False)
 
 
 @pytest.mark.parametrize("kwargs,field", [({"r": 0}, "r"), ({"r": 1.5}, "r"), ({"energy": 0}, "energy"), ({"energy": 1.5}, "energy")])
