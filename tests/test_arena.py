@@ -1,5 +1,5 @@
-"""`rankwise bench arena --quick`: every registered method (and PEFT's twin) gets a complete row; failures are
-recorded, not fatal; finished contenders are not re-run."""
+"""`rankwise bench arena --quick`: the head-only baseline and every registered method (and PEFT's twin) get a
+complete row; failures are recorded, not fatal; finished contenders are not re-run."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,10 +7,13 @@ import json
 import random
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import rankwise
-from rankwise.arena import COLUMNS, ArenaSpec, contenders, markdown_table, result_path
+from rankwise.arena import (COLUMNS, HEAD_ONLY, QUICK, ArenaSpec, build_task, contenders, markdown_table, measure_costs,
+                            result_path, train_and_select)
 from rankwise.cli import app
 from rankwise.core import registry
 
@@ -33,8 +36,8 @@ def tiny_csv(tmp_path_factory):
 
 
 def _complete(row: dict) -> bool:
-    return all(row.get(c) is not None for c in COLUMNS if c not in ("merge_ms", "latency_merged_ms")) and (
-        row.get("merge_ms") is not None or "merge_error" in row)
+    merge = row.get("merge_ms") is not None or "merge_error" in row or row["implementation"] == "baseline"  # nothing to merge
+    return all(row.get(c) is not None for c in COLUMNS if c not in ("merge_ms", "latency_merged_ms")) and merge
 
 
 def test_quick_arena_table_is_complete(tiny_csv, tmp_path):
@@ -44,6 +47,7 @@ def test_quick_arena_table_is_complete(tiny_csv, tmp_path):
     rows = {r["contender"]: r for r in payload["results"]}
     expected = contenders(ArenaSpec())
     assert sorted(rows) == sorted(expected)
+    assert payload["results"][0]["contender"] == HEAD_ONLY  # the baseline leads the table
     assert "lora" in rows and "peft-lora" in rows  # PEFT's twin where PEFT has the method
     failed = {name: r["error"] for name, r in rows.items() if "error" in r}
     assert not failed, f"contenders failed in the arena: {failed}"
@@ -55,6 +59,12 @@ def test_quick_arena_table_is_complete(tiny_csv, tmp_path):
     for png in ("accuracy_vs_params.png", "accuracy_vs_step_time.png"):
         assert (tmp_path / png).stat().st_size > 5000
     assert markdown_table(payload["results"]).count("\n") == len(expected) + 1
+    # The baseline's file holds exactly the head tensors every adapter file holds.
+    head_file = load_file(str(tmp_path / "adapters" / HEAD_ONLY / "adapter_model.safetensors"))
+    lora_file = load_file(str(tmp_path / "adapters" / "lora" / "adapter_model.safetensors"))
+    assert set(head_file) == {k for k in lora_file if ".classifier." in k}
+    assert sum(t.numel() for t in head_file.values()) == rows[HEAD_ONLY]["trainable"]
+    assert rows[HEAD_ONLY]["merge_ms"] is None and rows[HEAD_ONLY]["latency_merged_ms"] is None
 
 
 @dataclasses.dataclass
@@ -90,8 +100,26 @@ def test_bad_arena_options_are_clear_errors(tmp_path):
     assert result.exit_code == 2 and "unknown method 'nosuch'" in result.output
 
 
+def test_head_baseline_trains_only_the_head(tiny_csv, tmp_path):
+    assert contenders(ArenaSpec())[0] == HEAD_ONLY
+    assert HEAD_ONLY not in contenders(ArenaSpec(methods=["lora"]))  # a subset without `head` leaves it out
+    spec = ArenaSpec(**QUICK, data_path=str(tiny_csv), methods=[HEAD_ONLY])
+    assert contenders(spec) == [HEAD_ONLY]
+    task = build_task(spec)
+    head = {n: p.numel() for n, p in task.base.named_parameters() if n.split(".")[0] in task.head}
+    assert head
+    model, _ = train_and_select(HEAD_ONLY, task, spec, on_step=lambda: None)
+    pristine = dict(task.base.named_parameters())
+    changed = {n for n, p in model.model.named_parameters() if not torch.equal(p, pristine[n])}
+    assert changed == set(head)  # the head moved, the encoder did not
+    costs = measure_costs(model, task, spec, tmp_path / HEAD_ONLY)
+    assert costs["trainable"] == sum(head.values())
+    assert costs["merge_ms"] is None and costs["latency_unmerged_ms"] > 0 and costs["step_x_floor"] > 0
+
+
 def test_adapter_lr_scale_leaves_the_head_at_the_grid_rate(tiny_csv):
-    from rankwise.arena import QUICK, _param_groups, build_contender, build_task
+    from rankwise.arena import build_contender
+    from rankwise.arena.measure import _param_groups
 
     spec = ArenaSpec(**QUICK, data_path=str(tiny_csv))
     task = build_task(spec)
