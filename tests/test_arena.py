@@ -117,7 +117,7 @@ def test_head_baseline_trains_only_the_head(tiny_csv, tmp_path):
     assert costs["merge_ms"] is None and costs["latency_unmerged_ms"] > 0 and costs["step_x_floor"] > 0
 
 
-def test_adapter_lr_scale_leaves_the_head_at_the_grid_rate(tiny_csv):
+def test_randlora_trains_at_the_grid_rate_with_pefts_scale(tiny_csv):
     from rankwise.arena import build_contender
     from rankwise.arena.measure import _param_groups
 
@@ -126,10 +126,6 @@ def test_adapter_lr_scale_leaves_the_head_at_the_grid_rate(tiny_csv):
     for name in ("randlora", "peft-randlora"):
         model, _, config = build_contender(name, task, spec)
         assert config.randlora_alpha == 20 * spec.rank  # the scale stays PEFT's 20 whatever the rank
-        groups = _param_groups(model, 1e-2, task.head, 0.1)
-        names = {id(p): n for n, p in model.named_parameters()}
-        by_lr = {g["lr"]: [names[id(p)] for p in g["params"]] for g in groups}
-        assert sorted(by_lr) == [pytest.approx(1e-3), 1e-2]
-        assert all("classifier" in n for n in by_lr[1e-2]) and len(by_lr[1e-2]) == 2
-        assert not any("classifier" in n for g, ns in by_lr.items() if g != 1e-2 for n in ns)
-        assert sum(map(len, by_lr.values())) == sum(p.requires_grad for p in model.parameters())
+        groups = _param_groups(model, 1e-2)
+        assert {g.get("lr", 1e-2) for g in groups} == {1e-2}  # one rate for adapter and head alike
+        assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())

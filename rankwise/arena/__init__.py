@@ -38,11 +38,11 @@ import torch
 
 from rankwise.arena.contenders import (HEAD_ONLY, QUICK, ArenaSpec, HeadOnly, Task, build_contender, build_task,
                                        contenders, method_setup, peft_config, spec_key)
-from rankwise.arena.measure import ADAPTER_LR_SCALE, measure_costs, run_contender, train_and_select
+from rankwise.arena.measure import measure_costs, run_contender, train_and_select
 from rankwise.arena.report import COLUMNS, LABELS, markdown_table, results_table, write_summary
 from rankwise.core.io import atomic_write_text
 
-__all__ = ["ADAPTER_LR_SCALE", "COLUMNS", "HEAD_ONLY", "LABELS", "QUICK", "ArenaSpec", "HeadOnly", "Task", "build_contender",
+__all__ = ["COLUMNS", "HEAD_ONLY", "LABELS", "QUICK", "ArenaSpec", "HeadOnly", "Task", "build_contender",
            "build_task", "contenders", "markdown_table", "measure_costs", "method_setup", "peft_config", "register",
            "result_path", "results_table", "run_arena", "run_contender", "train_and_select"]
 

@@ -204,8 +204,7 @@ def method_setup(info, base: nn.Module, spec: ArenaSpec) -> tuple[list[str], dic
       mos   - the shared pool must hold r - private_rank vectors per layer: equivalent_rank is the default (4,
               half LoRA's budget) or, on shallow models, the smallest value that lets every layer draw them.
       bone  - run as Bone's weight-guided "Bat" variant; Bone's default is MiSS's shard sharing, run as `miss`.
-      randlora - its default randlora_alpha (20 x rank, PEFT's ratio) keeps the scale at 20; its adapter
-              parameters train at a tenth of the grid (ADAPTER_LR_SCALE).
+      randlora - its default randlora_alpha (20 x rank, PEFT's ratio) keeps the scale at 20.
     """
     from rankwise.core.config import matches_module
 

@@ -91,9 +91,7 @@ def _fmt(value: Any, key: str) -> str:
 
 
 def _lr_cell(r: dict[str, Any]) -> str:
-    """The selected grid rate, and the adapter's own rate where it differs (ADAPTER_LR_SCALE)."""
-    adapter = next((g.get("adapter_lr") for g in r.get("lr_grid", []) if g["lr"] == r["lr"]), None)
-    return f"{r['lr']:g}" + (f" (adapter {adapter:g})" if adapter is not None and adapter != r["lr"] else "")
+    return f"{r['lr']:g}"
 
 
 def _name_cell(r: dict[str, Any]) -> str:
