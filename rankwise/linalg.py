@@ -201,6 +201,53 @@ def diag_sandwich(x: torch.Tensor, right: torch.Tensor, diag: torch.Tensor, left
     return torch.nn.functional.linear(torch.nn.functional.linear(x, right) * diag, left)
 
 
+class FusedDiagCoreLinear(torch.autograd.Function):
+    """y = x (W + left diag(d) right)^T + b as one matmul in place of the frozen base call.
+
+    For a diagonal core whose rank r is comparable to the layer's (LoLDU's default r = min(out, in); SVFit at 99 %
+    energy) the skinny path (`diag_sandwich`) adds four token-sized products per training step. Here the step adds
+    one, g^T x, from which d's gradient is diag(left^T (g^T x) right^T); the weight itself (out x r x in flops,
+    token-independent) is formed in forward and again in backward, so only x is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, left, diag, right):
+        ctx.save_for_backward(x, weight, left, diag, right)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, torch.addmm(weight, left * diag, right), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, left, diag, right = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = grad_diag = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ torch.addmm(weight, left * diag, right)).view(x.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[4]:
+            grad_diag = ((left.T @ (g.T @ x.reshape(-1, x.shape[-1]))) * right).sum(1)
+        return grad_x, None, grad_bias, None, grad_diag, None
+
+
+def fused_diag_core_forward(x: torch.Tensor, layer, left: torch.Tensor, diag: torch.Tensor, right: torch.Tensor):
+    """The adapted output of a frozen linear `layer` (an AdaptedLayer) plus `left diag(d) right` as one matmul, or
+    None when the skinny path is cheaper (small r, few tokens), the weight trains, or dtypes differ (forming
+    W + delta in half precision would round the update away)."""
+    weight = layer.weight_matrix()
+    if layer.kind != "linear" or weight.requires_grad or not (x.dtype == weight.dtype == diag.dtype == left.dtype):
+        return None
+    out_f, in_f = weight.shape
+    tokens, r = x.numel() // in_f, diag.shape[0]
+    if torch.is_grad_enabled() and diag.requires_grad:
+        skinny, fused = 2 * tokens * r * (in_f + out_f), tokens * out_f * in_f + 3 * r * out_f * in_f
+    else:
+        skinny, fused = tokens * r * (in_f + out_f), r * out_f * in_f
+    if fused >= skinny:
+        return None
+    return FusedDiagCoreLinear.apply(x, weight, layer.base_layer.bias, left, diag, right)
+
+
 def flat_rank_limit(weight_shape: tuple[int, ...], kind: str) -> int:
     """Largest rank of a layer's weight viewed as a matrix (conv kernels as out x (in * kernel))."""
     if kind == "conv":
