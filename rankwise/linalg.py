@@ -201,51 +201,58 @@ def diag_sandwich(x: torch.Tensor, right: torch.Tensor, diag: torch.Tensor, left
     return torch.nn.functional.linear(torch.nn.functional.linear(x, right) * diag, left)
 
 
-class FusedDiagCoreLinear(torch.autograd.Function):
-    """y = x (W + left diag(d) right)^T + b as one matmul in place of the frozen base call.
+class FusedCoreLinear(torch.autograd.Function):
+    """y = x (W + left core right)^T + b as one matmul in place of the frozen base call; `core` is a vector (a
+    diagonal: LoLDU, SVFit) or a k x k matrix (SALT's scaled-and-shifted singular core).
 
-    For a diagonal core whose rank r is comparable to the layer's (LoLDU's default r = min(out, in); SVFit at 99 %
-    energy) the skinny path (`diag_sandwich`) adds four token-sized products per training step. Here the step adds
-    one, g^T x, from which d's gradient is diag(left^T (g^T x) right^T); the weight itself (out x r x in flops,
-    token-independent) is formed in forward and again in backward, so only x is saved.
+    Trained through the core only, the update's gradient needs one token-sized product, G = g^T x, then
+    grad core = left^T G right^T (its diagonal for a vector core). The skinny path instead adds four token-sized
+    products per step, which dominate when the core's rank is near min(out, in). W + delta (token-independent
+    flops) is formed in forward and again in backward, so only x is saved.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, left, diag, right):
-        ctx.save_for_backward(x, weight, left, diag, right)
+    def forward(ctx, x, weight, bias, left, core, right):
+        ctx.save_for_backward(x, weight, left, core, right)
         ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, torch.addmm(weight, left * diag, right), bias)
+        return torch.nn.functional.linear(x, _core_weight(weight, left, core, right), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, left, diag, right = ctx.saved_tensors
+        x, weight, left, core, right = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_bias = grad_diag = None
+        grad_x = grad_bias = grad_core = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ torch.addmm(weight, left * diag, right)).view(x.shape)
+            grad_x = (g @ _core_weight(weight, left, core, right)).view(x.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[4]:
-            grad_diag = ((left.T @ (g.T @ x.reshape(-1, x.shape[-1]))) * right).sum(1)
-        return grad_x, None, grad_bias, None, grad_diag, None
+            left_grad = left.T @ (g.T @ x.reshape(-1, x.shape[-1]))  # k x in
+            grad_core = (left_grad * right).sum(1) if core.dim() == 1 else left_grad @ right.T
+        return grad_x, None, grad_bias, None, grad_core, None
 
 
-def fused_diag_core_forward(x: torch.Tensor, layer, left: torch.Tensor, diag: torch.Tensor, right: torch.Tensor):
-    """The adapted output of a frozen linear `layer` (an AdaptedLayer) plus `left diag(d) right` as one matmul, or
-    None when the skinny path is cheaper (small r, few tokens), the weight trains, or dtypes differ (forming
-    W + delta in half precision would round the update away)."""
+def _core_weight(weight, left, core, right):
+    return torch.addmm(weight, left * core if core.dim() == 1 else left @ core, right)
+
+
+def fused_core_forward(x: torch.Tensor, layer, left: torch.Tensor, core: torch.Tensor, right: torch.Tensor):
+    """The adapted output of a frozen linear `layer` (an AdaptedLayer) plus `left core right` as one matmul
+    (`FusedCoreLinear`), or None when the weight trains, dtypes differ (forming W + delta in half precision would
+    round the update away) or, for a diagonal core, when the skinny path is cheaper (small r, few tokens)."""
     weight = layer.weight_matrix()
-    if layer.kind != "linear" or weight.requires_grad or not (x.dtype == weight.dtype == diag.dtype == left.dtype):
+    if layer.kind != "linear" or weight.requires_grad or not (x.dtype == weight.dtype == core.dtype == left.dtype):
         return None
-    out_f, in_f = weight.shape
-    tokens, r = x.numel() // in_f, diag.shape[0]
-    if torch.is_grad_enabled() and diag.requires_grad:
-        skinny, fused = 2 * tokens * r * (in_f + out_f), tokens * out_f * in_f + 3 * r * out_f * in_f
-    else:
-        skinny, fused = tokens * r * (in_f + out_f), r * out_f * in_f
-    if fused >= skinny:
-        return None
-    return FusedDiagCoreLinear.apply(x, weight, layer.base_layer.bias, left, diag, right)
+    if core.dim() == 1:
+        out_f, in_f = weight.shape
+        tokens, r = x.numel() // in_f, core.shape[0]
+        if torch.is_grad_enabled() and core.requires_grad:
+            skinny, fused = 2 * tokens * r * (in_f + out_f), tokens * out_f * in_f + 3 * r * out_f * in_f
+        else:
+            skinny, fused = tokens * r * (in_f + out_f), r * out_f * in_f
+        if fused >= skinny:
+            return None
+    return FusedCoreLinear.apply(x, weight, layer.base_layer.bias, left, core, right)
 
 
 def flat_rank_limit(weight_shape: tuple[int, ...], kind: str) -> int:

@@ -29,7 +29,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
 from rankwise.core.errors import TargetError
 from rankwise.core.registry import register
-from rankwise.linalg import diag_sandwich, flat_rank_limit, fused_diag_core_forward, ldu_factors
+from rankwise.linalg import diag_sandwich, flat_rank_limit, fused_core_forward, ldu_factors
 
 
 class LolduAdapter(Adapter):
@@ -58,7 +58,7 @@ class LolduAdapter(Adapter):
         return base_out + diag_sandwich(x, self.upper, (self.loldu_z - self.pivots) * self.scaling, self.lower)
 
     def fused_forward(self, x: torch.Tensor, layer) -> torch.Tensor | None:
-        return fused_diag_core_forward(x, layer, self.lower, (self.loldu_z - self.pivots) * self.scaling, self.upper)
+        return fused_core_forward(x, layer, self.lower, (self.loldu_z - self.pivots) * self.scaling, self.upper)
 
 
 @register("loldu", adapter=LolduAdapter, family="LU re-factorisation", paper="2410.13618", peft_type=None)

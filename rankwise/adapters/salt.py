@@ -16,7 +16,8 @@
 mode="fast" drops the ReLU (a documented deviation; equal unless a value is driven negative or XY has
 negative entries) and runs two skinny paths: the top block as a scaled diagonal and the residual block as
 a rank-r_lora LoRA with factors (U_res X, Y V_res^T). The faithful mode forms delta_weight each step (cost
-independent of the tokens) and, when it is the only adapter, runs x (W + dW)^T in place of the base call.
+independent of the tokens) and, when it is the only adapter, runs x (W + dW)^T in place of the base call
+(`linalg.FusedCoreLinear`, saving only x).
 t = max(1, floor(k * ratio)) unless given (official: ratio 0.1, r_lora 256). The SVD factors are recomputed
 from W when a file is loaded: files hold only a, b, X, Y. The official auxiliary regulariser is off by
 default there (reg_multiplier 0) and is not implemented.
@@ -35,7 +36,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
 from rankwise.core.errors import ConfigError
 from rankwise.core.registry import register
-from rankwise.linalg import diag_sandwich, flat_rank_limit, truncated_svd
+from rankwise.linalg import diag_sandwich, flat_rank_limit, fused_core_forward, truncated_svd
 
 MODES = ("faithful", "fast")
 
@@ -84,11 +85,11 @@ class SaltAdapter(Adapter):
         return base_out + top + F.linear(F.linear(x, down), up)
 
     def fused_forward(self, x: torch.Tensor, layer) -> torch.Tensor | None:
-        weight = layer.weight_matrix()
-        if layer.kind != "linear" or self.mode != "faithful" or x.dtype != weight.dtype or x.dtype != self.sigma.dtype:
+        if self.mode != "faithful":
             return None
-        # One matmul with W + dW instead of the base call plus a second token-sized matmul.
-        return F.linear(x, weight + self.delta_weight(weight), layer.base_layer.bias)
+        # One matmul with W + U core V^T instead of the base call plus a second token-sized matmul; saves only x
+        # (autograd through F.linear(x, W + dW) would also keep W + dW and U core, weight-sized, per layer).
+        return fused_core_forward(x, layer, self.U, self.core_delta(), self.Vh)
 
 
 @register("salt", adapter=SaltAdapter, family="SVD re-factorisation", paper="2503.16055", peft_type=None)

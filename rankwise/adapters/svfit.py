@@ -11,7 +11,7 @@
 
 The update is exactly zero at init and has rank <= r. W is kept as is (no residual copy W_e): the
 update runs as a skinny delta path, the cost of a rank-r LoRA, or, when r is near min(out, in) and tokens are
-many, as one matmul with W + delta formed once per step (`linalg.FusedDiagCoreLinear`). r is either given or chosen per layer
+many, as one matmul with W + delta formed once per step (`linalg.FusedCoreLinear`). r is either given or chosen per layer
 as the smallest r whose top singular values hold `energy` (default 99 %) of sum(sigma^2) — the paper's
 "over 99 % of the matrix's information" read as an energy criterion (no official code exists).
 Files hold s and sigma_r only: U_r and V_r are recomputed from W's SVD when the adapter is wrapped for
@@ -35,7 +35,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
 from rankwise.core.errors import CheckpointError
 from rankwise.core.registry import register
-from rankwise.linalg import diag_sandwich, energy_rank, flat_rank_limit, fused_diag_core_forward, truncated_svd
+from rankwise.linalg import diag_sandwich, energy_rank, flat_rank_limit, fused_core_forward, truncated_svd
 
 SIGMA_TOLERANCE = 1e-4  # largest max|sigma_file - sigma| / sigma_1 of a file trained on this base weight
 
@@ -97,7 +97,7 @@ class SvfitAdapter(Adapter):
         return base_out + diag_sandwich(x, self.svfit_V, self.svfit_s - self.svfit_sigma, self.svfit_U)
 
     def fused_forward(self, x: torch.Tensor, layer) -> torch.Tensor | None:
-        return fused_diag_core_forward(x, layer, self.svfit_U, self.svfit_s - self.svfit_sigma, self.svfit_V)
+        return fused_core_forward(x, layer, self.svfit_U, self.svfit_s - self.svfit_sigma, self.svfit_V)
 
 
 @register("svfit", adapter=SvfitAdapter, family="SVD re-factorisation", paper="2409.05926", peft_type=None)
