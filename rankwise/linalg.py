@@ -23,6 +23,22 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return U[:, :rank], S[:rank], Vh[:rank, :]
 
 
+def canonical_svd_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular pairs (u_i, v_i) -> (-u_i, -v_i) so that each u_i's largest-magnitude entry is positive.
+
+    An SVD fixes each pair only up to a joint sign, and LAPACK builds (MKL, OpenBLAS, cuSOLVER) choose
+    differently. Methods whose trained tensors live in singular-vector coordinates with off-diagonal
+    mixing (SALT's X Y) need the same signs at load time as at training time; this convention gives them
+    whatever the backend (except for nearly tied entries or repeated singular values, which no sign rule fixes).
+    """
+    if U.numel() == 0:
+        return U, Vh
+    rows = U.abs().argmax(0)
+    signs = torch.sign(U.gather(0, rows[None]).squeeze(0))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, Vh * signs[:, None]
+
+
 def split_low_rank(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` approximation as two balanced factors `B = U sqrt(S)`, `A = sqrt(S) Vh`."""
     U, S, Vh = truncated_svd(weight, rank)

@@ -19,8 +19,9 @@ a rank-r_lora LoRA with factors (U_res X, Y V_res^T). The faithful mode forms de
 independent of the tokens) and, when it is the only adapter, runs x (W + dW)^T in place of the base call
 (`linalg.FusedCoreLinear`, saving only x).
 t = max(1, floor(k * ratio)) unless given (official: ratio 0.1, r_lora 256). The SVD factors are recomputed
-from W when a file is loaded: files hold only a, b, X, Y. The official auxiliary regulariser is off by
-default there (reg_multiplier 0) and is not implemented.
+from W when a file is loaded: files hold only a, b, X, Y. Because X Y mixes singular directions, each pair
+(u_i, v_i) gets a fixed sign (largest |u_i| entry positive), so a reload does not depend on the SVD backend.
+The official auxiliary regulariser is off by default there (reg_multiplier 0) and is not implemented.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
 from rankwise.core.errors import ConfigError
 from rankwise.core.registry import register
-from rankwise.linalg import diag_sandwich, flat_rank_limit, fused_core_forward, truncated_svd
+from rankwise.linalg import canonical_svd_signs, diag_sandwich, flat_rank_limit, fused_core_forward, truncated_svd
 
 MODES = ("faithful", "fast")
 
@@ -51,6 +52,9 @@ class SaltAdapter(Adapter):
         flat = layer.weight_matrix().detach().float().flatten(1)
         k = min(flat.shape)
         U, S, Vh = truncated_svd(flat, k)
+        # X and Y mix residual singular directions, so a pair's sign matters: fix it by convention, or a file
+        # loaded where the SVD backend picks other signs (another LAPACK build, GPU vs CPU) gives other outputs.
+        U, Vh = canonical_svd_signs(U, Vh)
         t, r = top_count(config, k), config.r_lora
         self.t, self.mode = t, config.mode
         self.register_buffer("U", U.contiguous(), persistent=False)
@@ -60,7 +64,8 @@ class SaltAdapter(Adapter):
         self.salt_shift = nn.Parameter(torch.zeros(t))
         self.salt_X = nn.Parameter(torch.empty(k - t, r))
         self.salt_Y = nn.Parameter(torch.zeros(r, k - t))
-        nn.init.kaiming_uniform_(self.salt_X, a=math.sqrt(20))  # the official SAM2 initialisation
+        # The official SAM2 call; with nonlinearity="relu" torch ignores `a`: U(+-sqrt(6 / r_lora)).
+        nn.init.kaiming_uniform_(self.salt_X, a=math.sqrt(20), mode="fan_in", nonlinearity="relu")
 
     def core_delta(self) -> torch.Tensor:
         """ReLU(S') - diag(sigma), k x k (without the ReLU in fast mode)."""

@@ -78,3 +78,11 @@ def test_bad_hyper_parameters(kwargs, field):
 def test_rank_larger_than_layer():
     with pytest.raises(rankwise.ConfigError, match="LDU factors is at most 16"):
         rankwise.adapt(MLP(), rankwise.LolduConfig(target_modules=["lin0"], r=17))
+
+
+def test_defaults_follow_the_official_config():
+    """Official default_loldu_config: every factor trained (r = min(out, in), 768 on ViT-B), alpha 1 -> s = 1/r."""
+    config = rankwise.LolduConfig(target_modules=["lin0"])
+    assert (config.r, config.loldu_alpha) == (None, 1.0)
+    adapter = rankwise.adapt(MLP(), config).model.lin0.adapters["default"]
+    assert adapter.r == 16 and adapter.scaling == 1 / 16

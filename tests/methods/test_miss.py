@@ -118,3 +118,14 @@ def test_layer_limits(kwargs, message):
     with pytest.raises(rankwise.ConfigError, match=message):
         rankwise.adapt(base, rankwise.MissConfig(target_modules=["0"], **kwargs))
     assert isinstance(base[0], nn.Linear)
+
+
+def test_defaults_follow_peft():
+    from peft import MissConfig
+
+    ours, theirs = rankwise.MissConfig(target_modules=["x"]), MissConfig(target_modules=["x"])
+    for field in ("r", "miss_dropout", "mini_r", "init_weights"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.to_dict()["bias"] == theirs.bias == "none"
+    bone = rankwise.BoneConfig(target_modules=["x"])  # legacy PEFT BoneConfig: r=64, init_weights=True
+    assert (bone.r, bone.init_weights) == (64, True)

@@ -169,3 +169,69 @@ def test_rank_larger_than_layer():
     with pytest.raises(rankwise.ConfigError, match="at most 12"):
         rankwise.adapt(base, rankwise.RandLoraConfig(target_modules=["0"], r=13))
     assert isinstance(base[0], nn.Linear)
+
+
+def test_defaults_follow_peft():
+    """PEFT's RandLoraConfig defaults, except the two documented deviations (save_projection, alpha = 20 x r)."""
+    from peft import RandLoraConfig
+
+    ours, theirs = rankwise.RandLoraConfig(target_modules=["x"]), RandLoraConfig(target_modules=["x"])
+    for field in ("r", "randlora_alpha", "randlora_dropout", "projection_prng_key", "sparse", "very_sparse",
+                  "init_weights", "fan_in_fan_out"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.to_dict()["bias"] == theirs.bias == "none"
+    assert theirs.save_projection is True and ours.save_projection is False  # rankwise regenerates the bases
+    assert rankwise.RandLoraConfig(target_modules=["x"], r=8).randlora_alpha == 160  # PEFT keeps 640
+
+
+def test_trainable_count_of_the_spec_example():
+    """Spec: 768 x 768 at the default r = 32 -> N = 24 bases, 32*24 + 24*768 = 19 200 trainable numbers."""
+    model = single(768, 768)
+    assert model.model[0].adapters["default"].n_bases == 24
+    assert model.trainable_summary()["trainable"] == 19_200
+
+
+@pytest.mark.parametrize("out_f,in_f", [(48, 32), (32, 48)])
+def test_merge_matches_forward_and_unmerge_restores_the_weight(out_f, in_f):
+    """Spec check 6: merged forward == unmerged forward (1e-5), unmerge gives W back within 1e-6."""
+    model = single(out_f, in_f, r=4).eval()
+    adapter = model.model[0].adapters["default"]
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # a trained-looking adapter: delta of the size of W
+        adapter.randlora_lambda.copy_(torch.randn(adapter.randlora_lambda.shape, generator=gen) * 0.01)
+        adapter.randlora_gamma.add_(torch.randn(adapter.randlora_gamma.shape, generator=gen) * 0.01)
+    weight = model.model[0].weight_matrix().detach().clone()
+    assert model.delta_weights()["0"].abs().max() > 0.1 * weight.abs().max()
+    x = torch.randn(6, in_f)
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.model[0].weight_matrix(), weight + model.delta_weights()["0"], atol=1e-6, rtol=0)
+        model.unmerge_adapter()
+    torch.testing.assert_close(model.model[0].weight_matrix().detach(), weight, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"sparse": True}, {"very_sparse": True}], ids=["sparse", "very_sparse"])
+def test_sparse_bases_match_peft_bit_for_bit(kwargs):
+    """The ternary bases (P(+-1) = 1/6 each, or 1/(2 sqrt(m_max))) are PEFT's, so save_projection=False files agree.
+
+    Targets of largest (out, in) = (48, 32): m_max = 32 differs from M_max = 48."""
+    import warnings
+
+    from peft import RandLoraConfig, get_peft_model
+
+    targets = ["query", "intermediate.dense"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(fresh_bert(), RandLoraConfig(r=4, target_modules=targets, projection_prng_key=3, **kwargs))
+    buffers = dict(peft_model.named_buffers())
+    ours = rankwise.adapt(fresh_bert(), rankwise.RandLoraConfig(r=4, target_modules=targets, projection_prng_key=3, **kwargs))
+    prefix = "base_model.model.encoder.layer.0.attention.self.query."
+    for key in ("randlora_A", "randlora_B"):
+        mine = getattr(ours.shared["default"], key)
+        assert torch.equal(mine, buffers[prefix + key + ".default"]), key
+        low, zero, high = torch.unique(mine).tolist()  # ternary, scaled to unit std
+        assert zero == 0 and low == -high
+    nonzero = float((ours.shared["default"].randlora_B != 0).float().mean())  # 48 x 8 x 4 draws
+    assert abs(nonzero - (1 / 3 if "sparse" in kwargs else 1 / 32**0.5)) < 0.05, nonzero

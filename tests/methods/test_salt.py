@@ -112,3 +112,57 @@ def test_layer_limits(kwargs, message):
     with pytest.raises(rankwise.ConfigError, match=message):
         rankwise.adapt(base, rankwise.SaltConfig(target_modules=["lin0"], **kwargs))
     assert isinstance(base.lin0, nn.Linear)
+
+
+def test_defaults_follow_the_official_sam2_config():
+    config = rankwise.SaltConfig(target_modules=["x"])
+    assert (config.ratio, config.r_lora, config.t, config.mode) == (0.1, 256, None, "faithful")
+
+
+def test_parameter_count_of_the_spec_example():
+    """Spec: a 768 x 2304 qkv layer at the defaults has k = 768, t = 76, r_lora = 256 -> 152 + 2*256*692."""
+    model = rankwise.adapt(nn.Sequential(nn.Linear(768, 2304)), rankwise.SaltConfig(target_modules=["0"]))
+    assert model.model[0].adapters["default"].t == 76
+    assert model.trainable_summary()["trainable"] == 354_456
+
+
+def test_x_starts_at_the_official_kaiming_relu_scale():
+    """The official code calls kaiming_uniform_(X, a=sqrt(20), mode="fan_in", nonlinearity="relu"): torch ignores `a`
+    for "relu", so X ~ U(+-sqrt(6 / r_lora)); with the default leaky_relu the bound would be sqrt(21) times smaller."""
+    model = rankwise.adapt(MLP(), rankwise.SaltConfig(target_modules=["lin1"], r_lora=4, t=4))
+    x_init = model.model.lin1.adapters["default"].salt_X.detach()  # (24 - 4) x 4 = 80 draws
+    bound = (6 / 4) ** 0.5
+    assert x_init.abs().max() <= bound
+    assert x_init.abs().max() > 0.5 * bound, f"max |X| = {float(x_init.abs().max()):.3f}, official bound {bound:.3f}"
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fast"])
+def test_reload_does_not_depend_on_the_svd_sign_convention(mode, tmp_path, monkeypatch):
+    """X Y mixes residual singular directions, so loading must not depend on which signs the SVD backend picks
+    (MKL, OpenBLAS and cuSOLVER differ): a reload whose SVD returns some pairs as (-u_i, -v_i) gives the same outputs."""
+    from rankwise.adapters import salt
+
+    base = MLP()
+    fresh = copy.deepcopy(base)
+    model = rankwise.adapt(base, rankwise.SaltConfig(target_modules=["lin0", "lin1"], r_lora=3, t=2, mode=mode))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_adapter(tmp_path)
+
+    svd = salt.truncated_svd
+
+    def other_backend(weight, rank):
+        U, S, Vh = svd(weight, rank)
+        flip = torch.tensor([1.0, -1.0] * rank)[:rank]  # pairs 1, 3, 5, ... come back as (-u_i, -v_i)
+        return U * flip, S, Vh * flip[:, None]
+
+    monkeypatch.setattr(salt, "truncated_svd", other_backend)
+    loaded = rankwise.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)

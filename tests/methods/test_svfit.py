@@ -187,3 +187,9 @@ def test_bad_hyper_parameters(kwargs, field):
 def test_rank_larger_than_layer():
     with pytest.raises(rankwise.ConfigError, match="singular values is at most 16"):
         rankwise.adapt(MLP(), rankwise.SvfitConfig(target_modules=["lin0"], r=17))
+
+
+def test_defaults_follow_the_spec():
+    """r is chosen per layer by the 99 % energy rule unless given."""
+    config = rankwise.SvfitConfig(target_modules=["0"])
+    assert (config.r, config.energy) == (None, 0.99)
