@@ -40,6 +40,8 @@ def arm_command(method: str, args, out: Path) -> list[str]:
         command += ["--rank", str(args.rank)]
     if args.lr is not None:
         command += ["--lr", str(args.lr)]
+    if args.update_proj_gap is not None and method in DEFAULT_GAP:
+        command += ["--update-proj-gap", str(args.update_proj_gap)]
     return command
 
 
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32, help="d/8 for the default d=256")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=None, help="peak lr for every arm (default: each method's own)")
+    parser.add_argument("--update-proj-gap", type=int, default=None,
+                        help="projector refresh period for galore/dct (default: each method's own)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=1, help="arms run at once (step times then share the CPU)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "pretrain_methods")

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, help="peak learning rate (default per method)"),
         weight_decay: float = typer.Option(0.0),
         rank: Optional[int] = typer.Option(None, help="rank for galore/dct/sltrain/lost (default hidden_size/4)"),
-        update_proj_gap: Optional[int] = typer.Option(None, help="projector refresh period (galore 200, dct 1)"),
+        update_proj_gap: Optional[int] = typer.Option(None, help="projector refresh period in steps (default 200)"),
         galore_scale: float = typer.Option(0.25, help="GaLore's scale alpha"),
         sparsity: Optional[float] = typer.Option(None, help="SLTrain delta (0.03) or LOST rho (0.05)"),
         gamma: float = typer.Option(0.5, help="LOST low-rank/sparse mix"),

@@ -99,6 +99,33 @@ def test_rotate_subspace_carries_shared_indices_and_zeroes_new_ones():
         torch.testing.assert_close(state["exp_avg"][:, j], expected)
 
 
+@pytest.mark.parametrize("stable_slots", [True, False])
+def test_stable_slots_keep_each_moment_with_its_column(stable_slots):
+    # Adam moments live in slots; a refresh that re-ranks the same columns must not hand a column another's moments.
+    weight = nn.Parameter(torch.zeros(40, 32))
+    opt = DCTAdamW([{"params": [weight], "rank": 6, "update_proj_gap": 1, "stable_slots": stable_slots}], lr=1e-3)
+    weight.grad = torch.randn(40, 32)
+    opt.step()
+    state = opt.state[weight]
+    columns, moments = state["columns"].tolist(), state["exp_avg"].clone()
+    newcomer = max(set(range(32)) - set(columns))
+    scores = torch.zeros(32)
+    scores[newcomer] = 50.0
+    scores[columns[0]] = -1.0  # columns[0] leaves the top 6; the others stay but are re-ranked
+    for j, column in enumerate(reversed(columns[1:])):
+        scores[column] = 100.0 + j
+    rotated_grad = torch.ones(40, 1) * scores  # G Q has column norms ~ scores: G = (ones x scores) Qᵀ
+    Q = opt.basis(32, torch.float32, "matmul")
+    opt._project(state, rotated_grad @ Q.T, opt.param_groups[0])
+    new_columns = state["columns"].tolist()
+    assert set(new_columns) == set(columns[1:]) | {newcomer}
+    if stable_slots:
+        assert new_columns[1:] == columns[1:] and new_columns[0] == newcomer
+        torch.testing.assert_close(state["exp_avg"], moments)  # same slots, same columns, moments untouched
+    else:  # the reference's behaviour: slots follow the score order, so kept columns change slots
+        assert new_columns[1:] != columns[1:]
+
+
 def test_large_dimensions_get_full_adamw_and_bad_groups_raise():
     embedding = nn.Parameter(torch.randn(40, 8))
     opt = DCTAdamW([{"params": [embedding], "rank": 4, "max_shape": 32}], lr=1e-3)
@@ -109,3 +136,5 @@ def test_large_dimensions_get_full_adamw_and_bad_groups_raise():
         DCTAdamW([{"params": [embedding], "rank": 4, "sim_type": "svd"}])
     with pytest.raises(ConfigError, match="ell_norm"):
         DCTAdamW([{"params": [embedding], "rank": 4, "ell_norm": 3}])
+    with pytest.raises(ConfigError, match="stable_slots"):
+        DCTAdamW([{"params": [embedding], "rank": 4, "stable_slots": "yes"}])
