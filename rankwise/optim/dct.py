@@ -91,13 +91,14 @@ class DCTAdamW(LowRankAdamW):
         Q = self.basis(min(grad.shape), grad.dtype, group["sim_type"])
         rank = min(group["rank"], Q.shape[0])
         state["right"], state["basis_size"], state["sim_type"] = right, Q.shape[0], group["sim_type"]
-        if "columns" not in state or state["step"] % group["update_proj_gap"] == 0:
+        previous = state.get("columns")
+        if previous is None or state["step"] % group["update_proj_gap"] == 0:
             rotated = self._rotate(grad, Q, right, group["sim_type"])
             scores = rotated.norm(p=group["ell_norm"], dim=0 if right else 1)
             columns = torch.topk(scores, rank).indices.to(torch.int32)
-            if "columns" in state and group["stable_slots"]:
-                columns = stable_slot_order(state["columns"], columns)
-            if group["rotate_subspace"] and "columns" in state:
+            if previous is not None and group["stable_slots"]:
+                columns = stable_slot_order(previous, columns)
+            if previous is not None and group["rotate_subspace"]:
                 self._carry_moments(state, columns, right)
             state["columns"] = columns
             return rotated[:, columns.long()] if right else rotated[columns.long(), :]

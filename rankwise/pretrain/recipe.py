@@ -26,11 +26,14 @@ from torch import nn
 from rankwise.core.errors import CheckpointError, ConfigError, check_field
 from rankwise.core.io import atomic_write, atomic_write_text
 from rankwise.data.offline_text import encode_bytes, load_corpus
+from rankwise.optim.dct import DCTAdamW
 from rankwise.optim.galore import GaLoreAdamW, low_rank_param_groups, optimizer_state_bytes
 
 METHODS = ("full", "galore", "dct", "sltrain", "lost")
 DEFAULT_LR = {"full": 3e-3, "galore": 1e-2, "dct": 3e-3, "sltrain": 3e-3, "lost": 3e-3}
-DEFAULT_GAP = {"galore": 200, "dct": 200}
+# the optimizers own their refresh-period defaults; the recipe and the bench's JSON read them from there
+DEFAULT_GAP = {"galore": GaLoreAdamW.group_defaults["update_proj_gap"],
+               "dct": DCTAdamW.group_defaults["update_proj_gap"]}
 DEFAULT_SPARSITY = {"sltrain": 0.03, "lost": 0.05}
 PROJECTED_TARGETS = ("attn", "mlp")
 
@@ -57,7 +60,7 @@ class PretrainConfig:
     eval_batches: int = 8
     val_fraction: float = 0.05
     rank: int | None = None            # None: hidden_size // 4 (GaLore/DCT/SLTrain/LOST)
-    update_proj_gap: int | None = None  # None: 200 (GaLore's default; DCT measured best at 200 too)
+    update_proj_gap: int | None = None  # None: the optimizer's default (DEFAULT_GAP, 200 for both)
     galore_scale: float = 0.25
     sparsity: float | None = None      # SLTrain delta (0.03) or LOST rho (0.05)
     lora_alpha: float = 32.0           # SLTrain's fixed scale s = lora_alpha / rank
@@ -129,8 +132,6 @@ def build_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Opt
                                        scale=config.galore_scale, proj_type="std")
         return GaLoreAdamW(groups, lr=lr, weight_decay=wd)
     if config.method == "dct":
-        from rankwise.optim.dct import DCTAdamW
-
         groups = low_rank_param_groups(model, PROJECTED_TARGETS, rank=config.effective_rank,
                                        update_proj_gap=config.update_proj_gap or DEFAULT_GAP["dct"])
         return DCTAdamW(groups, lr=lr, weight_decay=wd)
