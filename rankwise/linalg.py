@@ -217,6 +217,35 @@ def diag_sandwich(x: torch.Tensor, right: torch.Tensor, diag: torch.Tensor, left
     return torch.nn.functional.linear(torch.nn.functional.linear(x, right) * diag, left)
 
 
+# ---- mixed precision in custom autograd Functions ---------------------------------------------------------------
+# Under torch.autocast the ops inside a Function's forward are autocast (matmuls run in bf16/fp16) but its backward is
+# not: the output gradient arrives in the low dtype, the saved fp32 tensors stay fp32, and a mixed-dtype matmul fails.
+# rankwise's fused Functions read the autocast dtype once in forward (`amp_dtype`), run their products explicitly in
+# it with autocast off (forward and backward alike, so the numbers do not depend on where backward is called), and
+# return every gradient in its input's dtype: fp32 adapter masters get fp32 gradients. Weight-sized sums (W + delta)
+# are formed in the adapter's dtype and rounded once, as autocast rounds any fp32 weight it multiplies.
+
+
+def amp_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `x`'s device, or None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def to_dtype(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """`t` in `dtype` (no copy when it already is, or when dtype or t is None)."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def autocast_off(x: torch.Tensor):
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def fusable_dtypes(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a fused Function may take these operands: one dtype, or any dtypes under autocast (it casts them)."""
+    return amp_dtype(x) is not None or all(t.dtype == x.dtype for t in tensors)
+
+
 class FusedCoreLinear(torch.autograd.Function):
     """y = x (W + left core right)^T + b as one matmul in place of the frozen base call; `core` is a vector (a
     diagonal: LoLDU, SVFit) or a k x k matrix (SALT's scaled-and-shifted singular core).
@@ -230,23 +259,29 @@ class FusedCoreLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, left, core, right):
-        total = _core_weight(weight, left, core, right)
-        ctx.save_for_backward(x, total, left, core, right)
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, total, bias)
+        amp = amp_dtype(x)
+        ctx.amp, ctx.dtypes, ctx.has_bias = amp, (x.dtype, None if bias is None else bias.dtype), bias is not None
+        with autocast_off(x):
+            total = to_dtype(_core_weight(*(t.to(core.dtype) for t in (weight, left)), core, right.to(core.dtype)), amp)
+            x = to_dtype(x, amp)
+            ctx.save_for_backward(x, total, left, core, right)
+            return torch.nn.functional.linear(x, total, to_dtype(bias, amp))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, total, left, core, right = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_bias = grad_core = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ total).view(x.shape)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        if ctx.needs_input_grad[4]:
-            left_grad = left.T @ (g.T @ x.reshape(-1, x.shape[-1]))  # k x in
-            grad_core = (left_grad * right).sum(1) if core.dim() == 1 else left_grad @ right.T
+        with autocast_off(x):
+            g = to_dtype(grad_out, x.dtype).reshape(-1, grad_out.shape[-1])
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ total).view(x.shape).to(ctx.dtypes[0])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0).to(ctx.dtypes[1])
+            if ctx.needs_input_grad[4]:
+                # the token-sized product in the compute dtype; the k x in result in the core's
+                left_grad = (to_dtype(left, x.dtype).T @ (g.T @ x.reshape(-1, x.shape[-1]))).to(core.dtype)  # k x in
+                right = to_dtype(right, core.dtype)
+                grad_core = (left_grad * right).sum(1) if core.dim() == 1 else left_grad @ right.T
         return grad_x, None, grad_bias, None, grad_core, None
 
 
@@ -257,9 +292,10 @@ def _core_weight(weight, left, core, right):
 def fused_core_forward(x: torch.Tensor, layer, left: torch.Tensor, core: torch.Tensor, right: torch.Tensor):
     """The adapted output of a frozen linear `layer` (an AdaptedLayer) plus `left core right` as one matmul
     (`FusedCoreLinear`), or None when the weight trains, dtypes differ (forming W + delta in half precision would
-    round the update away) or, for a diagonal core, when the skinny path is cheaper (small r, few tokens)."""
+    round the update away; under autocast W + delta is formed in the core's dtype and rounded once, see `amp_dtype`)
+    or, for a diagonal core, when the skinny path is cheaper (small r, few tokens)."""
     weight = layer.weight_matrix()
-    if layer.kind != "linear" or weight.requires_grad or not (x.dtype == weight.dtype == core.dtype == left.dtype):
+    if layer.kind != "linear" or weight.requires_grad or not fusable_dtypes(x, weight, core, left):
         return None
     if core.dim() == 1:
         out_f, in_f = weight.shape

@@ -24,7 +24,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig, resolve_pattern
 from rankwise.core.errors import ConfigError
 from rankwise.core.registry import register
-from rankwise.linalg import truncated_svd
+from rankwise.linalg import amp_dtype, autocast_off, fusable_dtypes, to_dtype, truncated_svd
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -39,30 +39,38 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+        # Under autocast the products run in its dtype and W + s B A is summed in the adapter's (see linalg.amp_dtype).
+        amp = amp_dtype(x)
+        ctx.amp, ctx.scaling, ctx.has_bias = amp, scaling, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with autocast_off(x):
+            x = to_dtype(x, amp)
+            ctx.save_for_backward(x, weight, lora_A, lora_B)
+            total = to_dtype(torch.addmm(weight.to(lora_A.dtype), lora_B, lora_A, alpha=scaling), amp)
+            return F.linear(x, total, to_dtype(bias, amp))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, lora_A, lora_B = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        s, amp = ctx.scaling, ctx.amp
         grad_x = grad_w = grad_b = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ torch.addmm(weight, lora_B, lora_A, alpha=s)).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = g.T @ x2
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_A = torch.mm((g @ lora_B).T, x2).mul_(s)
-        if ctx.needs_input_grad[4]:
-            # (xA^T)^T g, transposed back: the thin operand on the left runs 2-3x faster in MKL than g^T (xA^T)
-            # (1.99 -> 0.74 ms on a 2048 x 1536 gradient, 1 thread): ~2 % of a MiniLM LoRA step.
-            grad_B = torch.mm((x2 @ lora_A.T).T, g).T.mul_(s)
+        with autocast_off(x):
+            g = to_dtype(grad_out, x.dtype).reshape(-1, grad_out.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            A, B = to_dtype(lora_A, amp), to_dtype(lora_B, amp)
+            if ctx.needs_input_grad[0]:
+                total = to_dtype(torch.addmm(weight.to(lora_A.dtype), lora_B, lora_A, alpha=s), amp)
+                grad_x = (g @ total).view(x.shape).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                grad_w = (g.T @ x2).to(ctx.dtypes[1])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g.sum(0).to(ctx.dtypes[2])
+            if ctx.needs_input_grad[3]:
+                grad_A = torch.mm((g @ B).T, x2).mul_(s).to(lora_A.dtype)
+            if ctx.needs_input_grad[4]:
+                # (xA^T)^T g, transposed back: the thin operand on the left runs 2-3x faster in MKL than g^T (xA^T)
+                # (1.99 -> 0.74 ms on a 2048 x 1536 gradient, 1 thread): ~2 % of a MiniLM LoRA step.
+                grad_B = torch.mm((x2 @ A.T).T, g).T.mul_(s).to(lora_B.dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None
 
 
@@ -120,7 +128,7 @@ class LoraAdapter(Adapter):
         """Base layer and adapter in one autograd node (see `FusedLoraLinear`), when nothing forbids it."""
         weight = layer.weight_matrix()
         dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
-        if self.kind != "linear" or dropout_active or not (x.dtype == weight.dtype == self.lora_A.dtype):
+        if self.kind != "linear" or dropout_active or not fusable_dtypes(x, weight, self.lora_A, self.lora_B):
             return None
         return FusedLoraLinear.apply(x, weight, layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling)
 

@@ -45,7 +45,7 @@ from torch import nn
 from rankwise.core.adapter import Adapter
 from rankwise.core.config import PEFT_COMMON_NEUTRAL, AdapterConfig
 from rankwise.core.registry import register
-from rankwise.linalg import kaiming_sequence, ternary_sequence
+from rankwise.linalg import amp_dtype, autocast_off, fusable_dtypes, kaiming_sequence, ternary_sequence, to_dtype
 
 BASIS_KEYS = ("randlora_A", "randlora_B")
 
@@ -61,7 +61,9 @@ class ScaleBasis(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         basis_a, lam, gam = ctx.saved_tensors
-        return (None, *scale_basis_grads(grad, basis_a, lam, gam))
+        with autocast_off(grad):  # elementwise products: in the gradient's dtype, returned in the parameters'
+            grad_lam, grad_gam = scale_basis_grads(grad, basis_a, lam, gam)
+        return None, grad_lam.to(lam.dtype), grad_gam.to(gam.dtype)
 
 
 def scale_basis_grads(grad, basis_a, lam, gam):
@@ -105,34 +107,42 @@ class FusedRandLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, basis_a, basis_b, scaling, in_small):
-        total = _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small)
-        keep = total if basis_b.shape[0] <= basis_b.shape[1] else None
-        flat_x = x.reshape(-1, x.shape[-1])
-        # What the trainable side's gradient reads: x itself, or its (narrower) projection on the frozen B_hat.
-        activation = flat_x if in_small else flat_x @ basis_b
-        ctx.save_for_backward(activation, weight, lam, gam, basis_a, basis_b, keep)
-        ctx.scaling, ctx.in_small, ctx.has_bias, ctx.x_shape = scaling, in_small, bias is not None, x.shape
-        return F.linear(x, total, bias)
+        # Under autocast the products run in its dtype and W + dW is summed in lambda's (see linalg.amp_dtype).
+        amp, dtype = amp_dtype(x), lam.dtype
+        ctx.amp, ctx.dtypes = amp, (x.dtype, None if bias is None else bias.dtype)
+        with autocast_off(x):
+            basis_a, basis_b = basis_a.to(dtype), basis_b.to(dtype)
+            total = to_dtype(_total_weight(weight.to(dtype), basis_a, basis_b, lam, gam, scaling, in_small), amp)
+            keep = total if basis_b.shape[0] <= basis_b.shape[1] else None
+            x = to_dtype(x, amp)
+            flat_x = x.reshape(-1, x.shape[-1])
+            # What the trainable side's gradient reads: x itself, or its (narrower) projection on the frozen B_hat.
+            activation = flat_x if in_small else flat_x @ to_dtype(basis_b, amp)
+            ctx.save_for_backward(activation, weight, lam, gam, basis_a, basis_b, keep)
+            ctx.scaling, ctx.in_small, ctx.has_bias, ctx.x_shape = scaling, in_small, bias is not None, x.shape
+            return F.linear(x, total, to_dtype(bias, amp))
 
     @staticmethod
     def backward(ctx, grad_out):
         activation, weight, lam, gam, basis_a, basis_b, total = ctx.saved_tensors
-        scaling, in_small = ctx.scaling, ctx.in_small
+        scaling, in_small, amp = ctx.scaling, ctx.in_small, ctx.amp
         grad_x = grad_bias = grad_lam = grad_gam = None
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[0]:
-            if total is None:
-                total = _total_weight(weight, basis_a, basis_b, lam, gam, scaling, in_small)
-            grad_x = (flat_grad @ total).view(ctx.x_shape)
-        if ctx.needs_input_grad[2] and ctx.has_bias:
-            grad_bias = flat_grad.sum(0)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            if in_small:  # the gradient of B_hat A_hat (M x m) first, then A_hat's (rN x m)
-                grad_a_hat = basis_b.T @ (flat_grad.T @ activation)
-            else:
-                grad_a_hat = activation.T @ flat_grad
-            grad_a_hat = grad_a_hat.mul_(scaling).view(lam.shape[0], lam.shape[1], -1)
-            grad_lam, grad_gam = scale_basis_grads(grad_a_hat, basis_a, lam, gam)
+        with autocast_off(activation):
+            flat_grad = to_dtype(grad_out, activation.dtype).reshape(-1, grad_out.shape[-1])
+            if ctx.needs_input_grad[0]:
+                if total is None:
+                    total = to_dtype(_total_weight(weight.to(lam.dtype), basis_a, basis_b, lam, gam, scaling, in_small), amp)
+                grad_x = (flat_grad @ total).view(ctx.x_shape).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[2] and ctx.has_bias:
+                grad_bias = flat_grad.sum(0).to(ctx.dtypes[1])
+            if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+                if in_small:  # the gradient of B_hat A_hat (M x m) first, then A_hat's (rN x m)
+                    grad_a_hat = to_dtype(basis_b, amp).T @ (flat_grad.T @ activation)
+                else:
+                    grad_a_hat = activation.T @ flat_grad
+                # weight-sized from here on: in lambda's dtype (fp32 masters keep fp32 gradients)
+                grad_a_hat = grad_a_hat.to(lam.dtype).mul_(scaling).view(lam.shape[0], lam.shape[1], -1)
+                grad_lam, grad_gam = scale_basis_grads(grad_a_hat, basis_a, lam, gam)
         return grad_x, None, grad_bias, grad_lam, grad_gam, None, None, None, None
 
 
@@ -205,8 +215,8 @@ class RandLoraAdapter(Adapter):
     def fused_forward(self, x: torch.Tensor, layer) -> torch.Tensor | None:
         tokens = x.numel() // max(x.shape[-1], 1)
         weight = layer.weight_matrix()
-        dtype = self.randlora_lambda.dtype
-        if (self.training and not isinstance(self.dropout, nn.Identity)) or x.dtype != dtype or weight.dtype != dtype:
+        lam = self.randlora_lambda
+        if (self.training and not isinstance(self.dropout, nn.Identity)) or not fusable_dtypes(x, weight, lam):
             return None
         if weight.requires_grad:  # the Function gives no gradient to W: leave a trainable base to autograd
             return None

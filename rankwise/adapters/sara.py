@@ -31,6 +31,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig
 from rankwise.core.errors import AdapterStateError
 from rankwise.core.registry import register
+from rankwise.linalg import autocast_off, to_dtype
 
 # torch flags its (stable for our use) CSR kernels as beta on every construction; say it once, not per step.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -87,6 +88,14 @@ class _SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, origin, pattern, fixed_pattern, fixed_delta):
+        # Sparse products stay in the values' dtype even under autocast (cheap, and CSR kernels lack bf16 on CPU);
+        # x arrives in it (SaraAdapter.compute_dtype), so the output and its gradient are in it too.
+        ctx.x_dtype = x.dtype
+        with autocast_off(x):
+            return _SparseDeltaLinear._forward(ctx, x.to(values.dtype), values, origin, pattern, fixed_pattern, fixed_delta)
+
+    @staticmethod
+    def _forward(ctx, x, values, origin, pattern, fixed_pattern, fixed_delta):
         x2d = x.reshape(-1, x.shape[-1])
         delta_values = values - origin
         out = _sparse_linear(x2d, pattern, delta_values)
@@ -98,6 +107,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with autocast_off(grad_out):
+            grad_x, grad_values = _SparseDeltaLinear._backward(ctx, grad_out.to(ctx.saved_tensors[1].dtype))
+        return to_dtype(grad_x, ctx.x_dtype), grad_values, None, None, None, None
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, delta_values, fixed_delta = ctx.saved_tensors
         pattern, fixed_pattern = ctx.patterns
         g2d = grad_out.reshape(-1, pattern.shape[0])
@@ -111,7 +126,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
             x2d = x.reshape(-1, x.shape[-1])
             grad_values = torch.sparse.sampled_addmm(pattern.matrix(delta_values), g2d.T.contiguous(), x2d,
                                                      beta=0.0).values()
-        return grad_x, grad_values, None, None, None, None
+        return grad_x, grad_values
 
 
 class SaraAdapter(Adapter):

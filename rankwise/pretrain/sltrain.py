@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.errors import check_field
-from rankwise.linalg import seeded_generator
+from rankwise.linalg import amp_dtype, autocast_off, seeded_generator, to_dtype
 from rankwise.pretrain.replace import DECODER_TARGETS, replace_linears
 
 
@@ -31,27 +31,36 @@ def sparse_plus_low_rank(B: torch.Tensor, sA: torch.Tensor, values: torch.Tensor
 
 
 class _SparsePlusLowRankLinear(torch.autograd.Function):
+    # Under autocast the token-sized products run in its dtype; the weight is formed, and the weight-sized gradients
+    # are reduced, in the parameters' dtype (see linalg.amp_dtype).
     @staticmethod
     def forward(ctx, x, B, A, scale, values, index, bias):
-        weight = sparse_plus_low_rank(B, A * scale, values, index)
-        # only x is an activation; B, A, values, index are the layer's own tensors and scale is 0-d
-        ctx.save_for_backward(x, B, A, scale, values, index)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        amp = amp_dtype(x)
+        ctx.amp, ctx.dtypes = amp, (x.dtype, None if bias is None else bias.dtype)
+        with autocast_off(x):
+            weight = sparse_plus_low_rank(B, A * scale, values, index)
+            x = to_dtype(x, amp)
+            # only x is an activation; B, A, values, index are the layer's own tensors and scale is 0-d
+            ctx.save_for_backward(x, B, A, scale, values, index)
+            ctx.has_bias = bias is not None
+            return F.linear(x, to_dtype(weight, amp), to_dtype(bias, amp))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, B, A, scale, values, index = ctx.saved_tensors
-        weight = sparse_plus_low_rank(B, A * scale, values, index)
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = grad_2d.T @ x.reshape(-1, x.shape[-1])  # transient dense out x in: the backward's peak
-        grad_B = grad_w @ (A * scale).T if ctx.needs_input_grad[1] else None
-        grad_sA = B.T @ grad_w if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
-        grad_A = grad_sA * scale if ctx.needs_input_grad[2] else None
-        grad_scale = (grad_sA * A).sum().reshape(scale.shape) if ctx.needs_input_grad[3] else None
-        grad_values = grad_w.view(-1)[index] if ctx.needs_input_grad[4] else None
-        grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
+        with autocast_off(x):
+            grad_out = to_dtype(grad_out, x.dtype)
+            weight = sparse_plus_low_rank(B, A * scale, values, index)
+            grad_x = (grad_out @ to_dtype(weight, ctx.amp)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+            # transient dense out x in: the backward's peak
+            grad_w = (grad_2d.T @ x.reshape(-1, x.shape[-1])).to(B.dtype)
+            grad_B = grad_w @ (A * scale).T if ctx.needs_input_grad[1] else None
+            grad_sA = B.T @ grad_w if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
+            grad_A = grad_sA * scale if ctx.needs_input_grad[2] else None
+            grad_scale = (grad_sA * A).sum().reshape(scale.shape) if ctx.needs_input_grad[3] else None
+            grad_values = grad_w.view(-1)[index] if ctx.needs_input_grad[4] else None
+            grad_bias = grad_2d.sum(0).to(ctx.dtypes[1]) if ctx.has_bias and ctx.needs_input_grad[6] else None
         return grad_x, grad_B, grad_A, grad_scale, grad_values, None, grad_bias
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.errors import ConfigError
-from rankwise.linalg import factored_row_norms
+from rankwise.linalg import amp_dtype, autocast_off, factored_row_norms, to_dtype
 from rankwise.train.lora_tools import lora_adapters, restore_forward, set_forward
 
 
@@ -37,21 +37,29 @@ class AlloraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, eta: float, norm_power: int):
-        ctx.save_for_backward(x, A, B)
-        ctx.eta, ctx.norm_power = eta, norm_power
-        return F.linear(F.linear(x, A), B)
+        # Under autocast the products run in its dtype, gradients come back in A's and B's (see linalg.amp_dtype).
+        amp = amp_dtype(x)
+        ctx.amp, ctx.x_dtype, ctx.eta, ctx.norm_power = amp, x.dtype, eta, norm_power
+        with autocast_off(x):
+            x = to_dtype(x, amp)
+            ctx.save_for_backward(x, A, B)
+            return F.linear(F.linear(x, to_dtype(A, amp)), to_dtype(B, amp))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, A, B = ctx.saved_tensors
         grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ B) @ A
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            scaled = (grad_out * row_scale(A, B, ctx.eta, ctx.norm_power).to(grad_out.dtype)).reshape(-1, B.shape[0])
-            flat_x = x.reshape(-1, A.shape[1])
-            grad_A = (scaled @ B).T @ flat_x
-            grad_B = scaled.T @ (flat_x @ A.T)
+        with autocast_off(x):
+            grad_out = to_dtype(grad_out, x.dtype)
+            a, b = to_dtype(A, ctx.amp), to_dtype(B, ctx.amp)
+            if ctx.needs_input_grad[0]:
+                grad_x = ((grad_out @ b) @ a).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                scale = row_scale(A, B, ctx.eta, ctx.norm_power)  # from the fp32 masters
+                scaled = (grad_out * scale.to(grad_out.dtype)).reshape(-1, B.shape[0])
+                flat_x = x.reshape(-1, A.shape[1])
+                grad_A = ((scaled @ b).T @ flat_x).to(A.dtype)
+                grad_B = (scaled.T @ (flat_x @ a.T)).to(B.dtype)
         return grad_x, grad_A, grad_B, None, None
 
 
