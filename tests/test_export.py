@@ -319,5 +319,7 @@ def test_gguf_lora_in_llama_cpp(tmp_path):
     runtime_check = bench.runtime_check
 
     result = runtime_check(tmp_path, prompts=2, steps=40)
-    assert result["delta_logit_cosine"] > 0.9, result
-    assert result["lora_greedy_matches"] >= 1, result
+    assert result["delta_logit_cosine"] > 0.95, result  # measured 0.997-0.9998 (bench/results/gguf_lora_runtime.json)
+    assert result["lora_greedy_matches"] == 2, result
+    # Without llama.cpp's q/k row permutation the adapter's effect on the logits is visibly wrong.
+    assert result["delta_logit_relative_diff"] < result["unpermuted_delta_logit_relative_diff"], result
