@@ -201,9 +201,11 @@ def load_base_for_adapter(adapter_dir: str | Path, model_path: str | Path | None
     head = [k for k in weights if re.search(r"\.(classifier|score)(\.out_proj)?\.weight$", k)]
     num_labels = int(weights[head[0]].shape[0]) if head else 2
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    candidates = [lambda: load_classifier(path, num_labels)[0], lambda: AutoModel.from_pretrained(path)]
+    # float32: exports measure the adapter's update, not a bf16 checkpoint's rounding (a merge into bf16
+    # weights can lose an update below bf16's resolution; `--for merged --dtype` chooses the stored type).
+    candidates = [lambda: load_classifier(path, num_labels)[0], lambda: AutoModel.from_pretrained(path, dtype=torch.float32)]
     if any(str(a).endswith("ForCausalLM") for a in architectures):
-        candidates.insert(0, lambda: AutoModelForCausalLM.from_pretrained(path))
+        candidates.insert(0, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     for load in candidates:
         model = load().eval()
         try:
@@ -246,9 +248,12 @@ def default_output(adapter_dir: Path, target: str) -> Path:
     return adapter_dir.with_name(f"{adapter_dir.name}-{'lora' if target == 'peft' else target}")
 
 
+MERGED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def run_export(target: str, adapter_dir: Path, output: Path, model_path: Path | None, rank: int | str | None,
-               tol: float | None, progress: Callable[[str], None] | None = None) -> ConversionReport:
-    """One export by name (`peft`/`lora`, `vllm`, `gguf`, `merged`), the base loaded from `model_path`."""
+               tol: float | None, progress: Callable[[str], None] | None = None, dtype: str | None = None) -> ConversionReport:
+    """One export by name (`peft`/`lora`, `vllm`, `gguf`, `merged`), the base loaded (float32) from `model_path`."""
     import warnings
 
     from rankwise.export import export_gguf_lora, export_merged, export_vllm_lora
@@ -259,12 +264,15 @@ def run_export(target: str, adapter_dir: Path, output: Path, model_path: Path | 
         raise ConfigError(f"--for {target!r} is not an export: choose one of {', '.join(TARGETS)} ('lora' = 'peft')")
     if target == "merged" and (rank is not None or tol is not None):
         raise ConfigError("--rank/--tol do not apply to --for merged (a merge is exact); drop them")
+    if dtype is not None and (target != "merged" or dtype not in MERGED_DTYPES):
+        raise ConfigError(f"--dtype {dtype!r}: only --for merged takes a dtype, one of {', '.join(MERGED_DTYPES)}")
     base, tokenizer = load_base_for_adapter(adapter_dir, model_path)
     inputs = sample_token_inputs(base, tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what is left out is in the report, printed below
         if target == "merged":
-            return export_merged(base, adapter_dir, output, tokenizer=tokenizer, sample_inputs=inputs)
+            return export_merged(base, adapter_dir, output, tokenizer=tokenizer, sample_inputs=inputs,
+                                 dtype=MERGED_DTYPES[dtype or "float32"])
         if target == "vllm":
             return export_vllm_lora(base, adapter_dir, output, rank, tol, inputs,
                                     base_model_name_or_path=str(model_path) if model_path else None, progress=progress)
@@ -289,6 +297,7 @@ def register(app) -> None:
         tol: Optional[float] = typer.Option(None, help="With --rank auto: per-layer relative Frobenius error, e.g. 0.01."),
         model: Optional[Path] = typer.Option(None, help="Base model dir the adapter was trained on (default: embedded MiniLM)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output (default: ADAPTER_DIR-lora, -vllm, -merged, ADAPTER_DIR.gguf)."),
+        dtype: Optional[str] = typer.Option(None, help="--for merged: stored weight type, float32 (default), bfloat16 or float16."),
     ) -> None:
         """Export any adapter for serving: PEFT LoRA, vLLM LoRA, GGUF LoRA (llama.cpp) or a merged model; report errors."""
         from rankwise.core.console import print_error
@@ -300,7 +309,7 @@ def register(app) -> None:
             rank_value: int | str | None = None if rank is None else "auto" if rank == "auto" else _int_rank(rank)
             with console.status("[bold]exporting...") as status:
                 report = run_export(name, adapter_dir, out, model, rank_value, tol,
-                                    progress=lambda layer: status.update(f"[bold]SVD of {layer}"))
+                                    progress=lambda layer: status.update(f"[bold]SVD of {layer}"), dtype=dtype)
         except RankwiseError as err:
             print_error(err, console)
             raise typer.Exit(2) from None

@@ -107,6 +107,20 @@ def test_merged_unties_a_tied_embedding_the_adapter_changes(where, tmp_path):
     assert base.lm_head.weight is base.model.embed_tokens.weight  # the caller's base is left as it was
 
 
+def test_merged_in_bf16_reports_the_update_it_loses(tmp_path):
+    base, model = saved_adapter(tmp_path / "src", rankwise.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # an update far below bf16's resolution of W (|W| ~ 0.02, bf16 step ~ 1e-4)
+        for _, layer in model.adapted_layers():
+            layer.adapters["default"].lora_B.normal_(0, 1e-6)
+    model.save_adapter(tmp_path / "src")
+    exact = export_merged(base, tmp_path / "src", tmp_path / "fp32", sample_inputs=inputs())
+    assert exact.max_relative_error < 1e-3 and not any("loses" in n for n in exact.notes)
+    rounded = export_merged(base, tmp_path / "src", tmp_path / "bf16", sample_inputs=inputs(), dtype=torch.bfloat16)
+    assert rounded.max_relative_error > 0.5 and any("loses up to" in n for n in rounded.notes)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
 def test_merged_refuses_dept_and_keeps_the_old_output(tmp_path):
     base = tiny_llama()
     model = rankwise.adapt(copy.deepcopy(base), rankwise.get_method("dept").config_cls(target_modules=["embed_tokens"]))
@@ -134,6 +148,12 @@ def test_cli_merged_with_tokenizer(llama_dir, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "m")("w5 w6")["input_ids"] == [5, 6]
     bad = runner.invoke(app, ["convert", str(tmp_path / "src"), "--for", "merged", "--rank", "4", "--model", str(llama_dir)])
     assert bad.exit_code == 2 and "do not apply to --for merged" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["convert", str(tmp_path / "src"), "--for", "vllm", "--dtype", "bfloat16", "--model", str(llama_dir)])
+    assert bad.exit_code == 2 and "only --for merged takes a dtype" in bad.output
+    result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--for", "merged", "--dtype", "bfloat16",
+                                 "--model", str(llama_dir), "-o", str(tmp_path / "m16")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 # ---- vLLM ---------------------------------------------------------------------------------------

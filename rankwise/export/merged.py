@@ -34,11 +34,15 @@ def export_merged(
     output_dir: str | Path,
     tokenizer: Any = None,
     sample_inputs: Any = None,
+    dtype: torch.dtype | None = None,
 ):
     """Write `output_dir`: `base_model` with the adapter in `adapter_dir` merged in; return the report.
 
     `base_model` (a transformers `PreTrainedModel`) is not modified. `tokenizer`, when given, is saved with
-    the model. The directory is built next to `output_dir` and moved into place when complete.
+    the model. `dtype` is the stored weight type (default: the base's). Errors are measured against the
+    adapter on `base_model` as given, so a bf16 export shows what rounding W + ΔW to bf16 loses (an update
+    smaller than bf16's resolution of W would vanish: the report then says so). The directory is built next
+    to `output_dir` and moved into place when complete.
     """
     from rankwise.convert import REPORT_NAME, ConversionReport, LayerReport
 
@@ -47,35 +51,44 @@ def export_merged(
             f"a merged export needs a transformers model (with save_pretrained); got {type(base_model).__name__}"
         )
     output_dir = Path(output_dir)
-    base = copy.deepcopy(base_model).eval()
     notes: list[str] = []
-    config, source = load_source(base, adapter_dir, "merged")
+    config, reference = load_source(base_model, adapter_dir, "merged")  # the adapted model, un-merged: the yardstick
+    base = copy.deepcopy(base_model).eval()
+    if dtype is not None:
+        base = base.to(dtype)
     tied = tied_embedding_names(base)
-    changed = [name for name, _ in [*source.adapted_layers(), *source.saved_modules()]]
+    changed = [name for name, _ in [*reference.adapted_layers(), *reference.saved_modules()]]
     touched = [name for name in changed if module_touches(name, tied)]
     if touched:
         # Merging into the shared tensor would change the embedding and the head alike: give the head its own copy.
         _untie(base)
-        config, source = load_source(base, adapter_dir, "merged")
         notes.append(
             f"untied the input embedding and output head ({', '.join(tied)}): the adapter changes {', '.join(touched)}; "
             "the merged model stores both (tie_word_embeddings: false)"
         )
+    _, source = load_source(base, adapter_dir, "merged")
     report = ConversionReport(config.method_name, "merged", None, target="merged", notes=notes)
-    layers = dict(source.adapted_layers())
+    layers = dict(reference.adapted_layers())
+    deltas = reference.delta_weights("default")
     expected = {}
     with torch.no_grad():
-        for name, delta in source.delta_weights("default").items():
+        for name, delta in deltas.items():
             expected[name] = layers[name].weight_matrix().float() + delta.float()
-    reference = copy.deepcopy(source)  # the adapted model, kept un-merged to measure against
     merged = source.merge_and_unload(safe_merge=True)
     modules = dict(merged.named_modules())
     with torch.no_grad():
         for name, want in expected.items():
             got = _canonical(modules[name], layers[name]).float()
-            error = float((got - want).norm() / (want - layers[name].weight_matrix().float()).norm().clamp_min(1e-30))
+            error = float((got - want).norm() / deltas[name].float().norm().clamp_min(1e-30))
             shape = list(want.shape)
             report.layers.append(LayerReport(name, layers[name].kind, shape, min(shape[0], want[0].numel()), error))
+    if report.max_relative_error > 0.01:
+        worst = max(report.layers, key=lambda layer: layer.relative_error)
+        stored = next(p for p in merged.parameters()).dtype
+        report.notes.append(
+            f"stored in {str(stored).replace('torch.', '')}, rounding W + ΔW loses up to {worst.relative_error:.0%} of a layer's "
+            f"update ({worst.module}); export with dtype float32 to keep it"
+        )
     from rankwise.core.io import read_weights
 
     report.source_params = sum(v.numel() for v in read_weights(adapter_dir).values())
