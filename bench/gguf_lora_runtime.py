@@ -49,7 +49,7 @@ def _train_lora(base, tokenizer, prompts, steps):
         loss = sum(model(input_ids=ids, labels=labels).loss for ids, labels in batch) / len(batch)
         loss.backward()
         optimizer.step()
-    return model.eval(), float(loss)
+    return model.eval(), loss.item()
 
 
 def _hf_greedy(model, tokenizer, prompt, n):

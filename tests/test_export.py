@@ -131,6 +131,10 @@ def test_merged_refuses_dept_and_keeps_the_old_output(tmp_path):
     with pytest.raises(ConfigError, match="dept adapters cannot be merged"):
         export_merged(base, tmp_path / "dept", out)
     assert (out / "keep.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["dept", "merged"]
+    for export, target in ((export_vllm_lora, "vllm"), (export_gguf_lora, "a.gguf")):
+        with pytest.raises(ConfigError, match="dept adapters cannot be exported"):
+            export(base, tmp_path / "dept", tmp_path / target)
+        assert not (tmp_path / target).exists()
     # A successful export replaces the whole directory.
     saved_adapter(tmp_path / "lora", rankwise.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
     export_merged(base, tmp_path / "lora", out)
