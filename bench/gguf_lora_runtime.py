@@ -77,8 +77,7 @@ def runtime_check(workdir: Path, prompts: int = 3, steps: int = 40, new_tokens: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rankwise.data import offline_assets
-    from rankwise.export import export_gguf_lora
-    from rankwise.export import gguf_lora
+    from rankwise.export import export_gguf_lora, gguf_lora
 
     torch.set_num_threads(1)
     workdir = Path(workdir)

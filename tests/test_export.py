@@ -14,15 +14,19 @@ import json
 
 import pytest
 import torch
+from test_cli import runner
+from test_matrix import INPUT_SIDE_METHODS, SMALL_KWARGS, perturb
 
 import rankwise
 from rankwise.cli import app
 from rankwise.convert import REPORT_NAME, run_model
 from rankwise.core.errors import ConfigError
-from rankwise.export import VLLM_RANKS, export_gguf_lora, export_merged, export_vllm_lora
-
-from test_cli import runner
-from test_matrix import INPUT_SIDE_METHODS, SMALL_KWARGS, perturb
+from rankwise.export import (
+    VLLM_RANKS,
+    export_gguf_lora,
+    export_merged,
+    export_vllm_lora,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
@@ -193,7 +197,7 @@ def test_vllm_lora_is_valid_and_peft_loads_it(name, tmp_path):
 def test_vllm_drops_embeddings_heads_and_saved_modules(tmp_path):
     config = rankwise.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"],
                                  init_lora_weights=False)
-    base, model = saved_adapter(tmp_path / "src", config)
+    base, _ = saved_adapter(tmp_path / "src", config)
     with pytest.warns(UserWarning, match="embed_tokens"):
         report = export_vllm_lora(base, tmp_path / "src", tmp_path / "vllm", sample_inputs=inputs())
     assert sorted(d["module"] for d in report.dropped) == ["lm_head", "model.embed_tokens"]

@@ -16,4 +16,4 @@ from rankwise.export.gguf_lora import export_gguf_lora
 from rankwise.export.merged import export_merged
 from rankwise.export.vllm_lora import VLLM_RANKS, export_vllm_lora
 
-__all__ = ["export_gguf_lora", "export_merged", "export_vllm_lora", "VLLM_RANKS"]
+__all__ = ["VLLM_RANKS", "export_gguf_lora", "export_merged", "export_vllm_lora"]

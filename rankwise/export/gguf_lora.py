@@ -35,7 +35,14 @@ from torch import nn
 
 from rankwise.core.errors import ConfigError
 from rankwise.export.common import (
-    check_rank, default_rank, factorize, load_source, measure, module_touches, pad_rank, tied_embedding_names,
+    check_rank,
+    default_rank,
+    factorize,
+    load_source,
+    measure,
+    module_touches,
+    pad_rank,
+    tied_embedding_names,
 )
 
 # transformers model_type -> (gguf architecture, whether the HF->GGUF converter permutes q/k rows)

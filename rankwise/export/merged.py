@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ import torch
 from torch import nn
 
 from rankwise.core.errors import ConfigError
-from rankwise.export.common import load_source, measure, module_touches, new_sibling_dir, replace_dir, tied_embedding_names
+from rankwise.export.common import (
+    load_source,
+    measure,
+    module_touches,
+    new_sibling_dir,
+    replace_dir,
+    tied_embedding_names,
+)
 
 
 def export_merged(
@@ -107,8 +115,6 @@ def export_merged(
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
         replace_dir(tmp, output_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report

@@ -17,6 +17,7 @@ vLLM find every module they expect.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +28,15 @@ from torch import nn
 
 from rankwise.core.errors import ConfigError
 from rankwise.export.common import (
-    DECODER_PROJECTIONS, check_rank, default_rank, factorize, load_source, measure, new_sibling_dir, pad_rank, replace_dir,
+    DECODER_PROJECTIONS,
+    check_rank,
+    default_rank,
+    factorize,
+    load_source,
+    measure,
+    new_sibling_dir,
+    pad_rank,
+    replace_dir,
 )
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's supported max_lora_rank values
@@ -119,8 +128,6 @@ def export_vllm_lora(
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
         replace_dir(tmp, output_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
