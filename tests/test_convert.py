@@ -175,5 +175,5 @@ def test_cli_converts_a_classifier_adapter(tiny_model_dir, tmp_path):  # noqa: F
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
     head = dict(peft_model.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
     torch.testing.assert_close(head, model.model.classifier.modules_to_save["default"].weight)  # trained head copied
-    bad = runner.invoke(app, ["convert", str(tmp_path / "src"), "--to", "gguf"])
-    assert bad.exit_code == 2 and "only 'lora'" in bad.output
+    bad = runner.invoke(app, ["convert", str(tmp_path / "src"), "--to", "onnx"])
+    assert bad.exit_code == 2 and "is not an export" in bad.output and "peft" in bad.output
