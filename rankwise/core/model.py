@@ -117,6 +117,17 @@ class AdaptedModel(nn.Module):
         return args, kwargs
 
     def generate(self, *args, **kwargs):
+        """The wrapped model's `generate`; an active input-side adapter (DePT) that defines
+        `generate(model, adapter, args, kwargs)` on its shared module runs it instead, so its prompt is not dropped."""
+        if not self._inputs_disabled:
+            for name in self._active:
+                hook = getattr(self.shared[name], "generate", None) if name in self.shared else None
+                if hook is None:
+                    continue
+                if len([n for n in self._active if n in self.shared and hasattr(self.shared[n], "generate")]) > 1:
+                    raise AdapterStateError("only one active input-side adapter can generate at a time; set_adapter one")
+                layer = self.model.get_input_embeddings()
+                return hook(self.model, layer.adapters[name], args, kwargs)
         return self.model.generate(*args, **kwargs)
 
     # ---- adapters -----------------------------------------------------------------------------
