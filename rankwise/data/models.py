@@ -119,8 +119,9 @@ def load_base(model_path: str | Path | None = None, task: str = "classification"
     path = _model_dir(model_path, task)
     tokenizer = load_tokenizer(path, task)  # before the weights: a missing tokenizer fails fast
     torch_dtype = resolve_dtype(dtype)
-    verbosity = logging.get_verbosity()
+    verbosity, bars_were_off = logging.get_verbosity(), not logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # the fresh classifier head warning is expected here
+    logging.disable_progress_bar()  # a sub-second "Loading weights" bar would clutter command output
     try:
         if task == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch_dtype)
@@ -128,6 +129,8 @@ def load_base(model_path: str | Path | None = None, task: str = "classification"
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     finally:
         logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            logging.enable_progress_bar()
     if task == "causal-lm" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(resolve_device(device))
@@ -142,7 +145,11 @@ def _quantize(model, scheme: str):
     except ImportError as err:
         raise ConfigError(f"quantize={scheme!r}: the quantization backend is not available ({err}); install the "
                           "`quant` extra (`pip install rankwise[quant]`) or drop --quantize") from None
-    result = quantize_base(model, scheme)
+    try:
+        result = quantize_base(model, scheme)
+    except ImportError as err:  # the module is there, its backend library is not
+        raise ConfigError(f"quantize={scheme!r}: the quantization backend is not available ({err}); install the "
+                          "`quant` extra or drop --quantize") from None
     return model if result is None else result
 
 
