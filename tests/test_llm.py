@@ -238,3 +238,40 @@ def test_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"rankwise {rankwise.__version__}"
+
+
+# ---- the Python API: options of the shared recipe on the causal-LM task ---------------------------------------
+
+def _api_run(tiny_llama_dir, tmp_path, **spec_kwargs):
+    from rankwise.data.instructions import InstructionData
+    from rankwise.train.finetune import FinetuneSpec, finetune
+    from rankwise.train.loop import TrainConfig
+    from rankwise.train.tasks.causal_lm import CausalLMTask
+
+    convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+             for r in sentiment_rows(40)]
+    spec = FinetuneSpec(**{"method": "lora", "rank": 4, "targets": None, "max_length": 64, "batch_size": 8,
+                           "train": TrainConfig(epochs=2, lr=1e-2), "device": "cpu", **spec_kwargs})
+    return finetune(CausalLMTask(InstructionData(convs[:32], convs[32:], "toy"), eval_generations=4), spec,
+                    tmp_path / "run", model_path=tiny_llama_dir, progress=False)
+
+
+@pytest.mark.parametrize("options", [
+    {"dtype": "bfloat16"}, {"gradient_checkpointing": True}, {"packing": True}, {"procedure": "trp"},
+    {"procedure": "increlora", "rank": 1},
+], ids=["bf16-base", "grad-ckpt", "packing", "trp-tied-embeddings", "increlora"])
+def test_recipe_options_train_the_llm(tiny_llama_dir, tmp_path, options):
+    metrics = _api_run(tiny_llama_dir, tmp_path, **options)
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    saved = tmp_path / "run" / ("low_rank" if options.get("procedure") == "trp" else "adapter")
+    assert saved.is_dir()
+
+
+def test_trp_low_rank_model_with_tied_embeddings_reloads(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.train.trp import load_low_rank
+
+    _api_run(tiny_llama_dir, tmp_path, procedure="trp")
+    model = load_low_rank(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "run" / "low_rank")
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

@@ -138,7 +138,10 @@ def finetune(
     if spec.gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise ConfigError(f"--gradient-checkpointing: {type(base).__name__} does not support gradient checkpointing")
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dense = spec.procedure is not None and get_procedure(spec.procedure).name == "trp"
     model = dense_trainable(base, targets, head) if dense else rankwise.adapt(base, build_config(spec, head, targets))
     model.to(device)
