@@ -275,3 +275,20 @@ def test_trp_low_rank_model_with_tied_embeddings_reloads(tiny_llama_dir, tmp_pat
     _api_run(tiny_llama_dir, tmp_path, procedure="trp")
     model = load_low_rank(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "run" / "low_rank")
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_checkpoints_resume_and_tensorboard(tiny_llama_dir, sentiment_jsonl, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    args = ["--max-steps", "4", "--save-steps", "2", "--eval-steps", "2", "--grad-accum", "2", "--warmup", "1",
+            "--scheduler", "cosine", "--report-to", "tensorboard"]
+    result = _finetune(tiny_llama_dir, sentiment_jsonl, out, *args)
+    assert result.exit_code == 0, result.output
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["optimizer_steps"] == 4 and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert [h["step"] for h in first["history"] if "eval_loss" in h] == [2, 4]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    result = _finetune(tiny_llama_dir, sentiment_jsonl, out, *args, "--resume", str(out / "checkpoint-2"))
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["after"]["loss"] == pytest.approx(first["after"]["loss"], rel=1e-5)
