@@ -254,7 +254,7 @@ def register(app) -> None:
         rank: str = typer.Option("8", help="LoRA rank per layer, or 'auto' (smallest rank within --tol)."),
         tol: Optional[float] = typer.Option(None, help="With --rank auto: per-layer relative Frobenius error, e.g. 0.01."),
         model: Optional[Path] = typer.Option(None, help="Base model dir the adapter was trained on (default: embedded MiniLM)."),
-        output: Optional[Path] = typer.Option(None, help="Output directory (default: ADAPTER_DIR-lora)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="Output directory (default: ADAPTER_DIR-lora)."),
     ) -> None:
         """Export any adapter as a PEFT LoRA by truncated SVD of each layer's update; report errors."""
         from rankwise.core.console import print_error
