@@ -10,9 +10,9 @@ import torch
 import rankwise
 from rankwise.train.loop import TrainConfig, train
 from rankwise.train.procedures import PROCEDURES, build_procedure, dense_trainable, finish_procedure, save_dense_low_rank
+from llama_cases import PROCEDURE_CASES as CASES
+from llama_cases import PROJECTIONS
 from toy_models import tiny_llama
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def lm_batches(n_batches: int = 4, batch_size: int = 4, length: int = 12, seed: int = 0):
@@ -37,24 +37,6 @@ def mean_loss(model, batches) -> float:
     model.eval()
     with torch.no_grad():
         return sum(float(lm_loss(model, b)) for b in batches) / len(batches)
-
-
-def lora(r: int, **kw):
-    return rankwise.LoraConfig(**{"r": r, "lora_alpha": r, "lora_dropout": 0.0, "target_modules": PROJECTIONS, **kw})
-
-
-# name: (adapter config or None for a dense procedure, procedure options, learning rate)
-CASES = {
-    "allora": (lambda: lora(4), {}, 1e-2),
-    "ggpo": (lambda: lora(4), {}, 1e-2),
-    "increlora": (lambda: lora(1), {"target_rank": 2, "init_warmup": 1, "incre_interval": 1}, 1e-2),
-    "triadapt": (lambda: lora(1), {"reference_rank": 2, "incre_interval": 1}, 1e-2),
-    "diffora": (lambda: lora(4), {"search_steps": 2, "ratio": 0.5}, 1e-2),
-    # Default init, not PiSSA: a PiSSA adapter whose rank changed reloads with the residual of the new rank (known
-    # issue, not LLaMA-specific, reported), so its round trip cannot be exact yet.
-    "maestro": (lambda: lora(4), {"shrink_every": 2, "threshold": 0.5}, 1e-2),
-    "trp": (None, {"nuclear_weight": 1e-3}, 3e-3),
-}
 
 
 def test_every_procedure_has_a_llama_case():
