@@ -18,8 +18,7 @@ PROCEDURE_CASES = {
     "increlora": (lambda: lora(1), {"target_rank": 2, "init_warmup": 1, "incre_interval": 1}, 1e-2),
     "triadapt": (lambda: lora(1), {"reference_rank": 2, "incre_interval": 1}, 1e-2),
     "diffora": (lambda: lora(4), {"search_steps": 2, "ratio": 0.5}, 1e-2),
-    # Default init, not PiSSA: a PiSSA adapter whose rank changed reloads with the residual of the new rank (known
-    # issue, not LLaMA-specific, reported), so its round trip cannot be exact yet.
-    "maestro": (lambda: lora(4), {"shrink_every": 2, "threshold": 0.5}, 1e-2),
+    # PiSSA init (Maestro's SVD start): the shrunk adapter must reload onto the original base exactly.
+    "maestro": (lambda: lora(4, init_lora_weights="pissa"), {"shrink_every": 2, "threshold": 0.5}, 1e-2),
     "trp": (None, {"nuclear_weight": 1e-3}, 3e-3),
 }
