@@ -279,8 +279,13 @@ class AdaptedModel(nn.Module):
         """
         names = self._active if adapter_names is None else adapter_names
         self._untie_shared_weights(names)
-        for _, layer in self.adapted_layers():
-            layer.merge(names, safe_merge=safe_merge)
+        try:
+            for _, layer in self.adapted_layers():
+                layer.merge(names, safe_merge=safe_merge)
+        except Exception:
+            if not any(layer.merged_adapters for _, layer in self.adapted_layers()):
+                self._retie_shared_weights()  # nothing merged (a safe merge refused): leave the model as it was
+            raise
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapted_layers():
