@@ -32,7 +32,22 @@ COMMAND_MODULES = (
     "rankwise.analysis.commands",   # analyze, eval mnn
     "rankwise.convert",             # convert
     "rankwise.arena",               # bench arena
+    "rankwise.generation",          # generate, chat
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from rankwise import __version__
+
+        typer.echo(f"rankwise {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the rankwise version and exit.")) -> None:
+    """Low-rank deep learning: adapters, low-rank training, pretraining, compression, federated, analysis."""
 
 
 def _register_all() -> None:

@@ -296,7 +296,7 @@ def register(app) -> None:
         rank: Optional[str] = typer.Option(None, help="LoRA rank per layer (default: the adapter's own), or 'auto' (within --tol)."),
         tol: Optional[float] = typer.Option(None, help="With --rank auto: per-layer relative Frobenius error, e.g. 0.01."),
         model: Optional[Path] = typer.Option(None, help="Base model dir the adapter was trained on (default: embedded MiniLM)."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output (default: ADAPTER_DIR-lora, -vllm, -merged, ADAPTER_DIR.gguf)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="Output (default: ADAPTER_DIR-lora, -vllm, -merged, ADAPTER_DIR.gguf)."),
         dtype: Optional[str] = typer.Option(None, help="--for merged: stored weight type, float32 (default), bfloat16 or float16."),
     ) -> None:
         """Export any adapter for serving: PEFT LoRA, vLLM LoRA, GGUF LoRA (llama.cpp) or a merged model; report errors."""

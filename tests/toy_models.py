@@ -56,6 +56,23 @@ def tiny_gpt2():
     return GPT2Model(cfg)
 
 
+def tiny_llama():
+    """LLaMA architecture at toy size: grouped-query attention (k/v project 32 -> 16, non-square), RoPE, SwiGLU,
+    RMSNorm and an lm_head tied to the input embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+                      attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "the toy LLaMA must tie its embeddings"
+    return model
+
+
+def _logits(model, inputs, **kwargs):
+    return model(input_ids=inputs, **kwargs).logits
+
+
 def _hidden(model, inputs, **kwargs):
     return model(input_ids=inputs, **kwargs).last_hidden_state
 
@@ -82,4 +99,9 @@ TOY_CASES = [
     ToyCase("embedding", EmbeddingModel, lambda: torch.randint(0, 50, (4, 7)), {"embedding": ["emb"], "linear": ["lin"]}),
     ToyCase("bert", tiny_bert, lambda: torch.randint(0, 64, (3, 10)), {"linear": ["query", "value", "dense"]}, _hidden),
     ToyCase("gpt2", tiny_gpt2, lambda: torch.randint(0, 64, (3, 10)), {"linear": ["c_attn", "c_proj"]}, _hidden),
+    # Every linear projection (GQA's k_proj/v_proj are 32 -> 16) and the tied input embedding; the output is the
+    # logits, so a change that leaks from embed_tokens into the tied lm_head shows.
+    ToyCase("llama", tiny_llama, lambda: torch.randint(0, 64, (3, 10)),
+            {"linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             "embedding": ["embed_tokens"]}, _logits),
 ]

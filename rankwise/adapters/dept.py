@@ -14,6 +14,8 @@ Two pieces, two homes (DESIGN.md "input-side methods"):
   `inputs_embeds` to the backbone, as PEFT does for prompt tuning. The backbone sees m + n positions.
 Learning rates: the prompt trains at the optimizer's lr, A and B at `embedding_lr_scale` x lr
 (`model.parameter_groups(lr)`). `merge_and_unload` raises: the prompt cannot be folded into any weight.
+`model.generate` (decoder LMs) goes through `DeptPrompt.generate`: the prompt is prepended once, and each
+cached decoding step adds the table row of the new token's own position.
 """
 from __future__ import annotations
 
@@ -102,6 +104,39 @@ class DeptPrompt(nn.Module):
             kwargs["labels"] = torch.cat([labels.new_full((batch, m), -100), labels], dim=1)
         return (), kwargs
 
+    def generate(self, model: nn.Module, adapter: "DeptAdapter", args: tuple, kwargs: dict):
+        """`model.generate` with the prompt prepended and the position-wise table following the real positions.
+
+        The first step embeds [P ; E'] as in training; each later (cached) step embeds one new token, which gets
+        the table row of its own position (not row 0 of a length-1 input). Positions count real tokens only
+        (`attention_mask.cumsum - 1`), so a left-padded batch gets the rows each sample would get alone; positions
+        past max_length get no row (the table is zero there). Returns the input ids followed by the new tokens,
+        as a plain `generate` does.
+        """
+        kwargs = dict(kwargs)
+        if args:
+            if "input_ids" in kwargs or len(args) > 1:
+                raise ShapeError("DePT: pass generate inputs as keywords (input_ids=..., attention_mask=...)")
+            kwargs["input_ids"] = args[0]
+        if kwargs.get("inputs_embeds") is not None:
+            raise ShapeError("DePT: generate from input_ids (the prompt is prepended to their embeddings), not inputs_embeds")
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise TargetError("DePT: generate needs input_ids")
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
+        adapter.generation_positions = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        adapter.generation_started = False
+        try:
+            _, prepared = self.prepare_inputs(model, (), kwargs)
+            out = model.generate(**prepared)
+        finally:
+            adapter.generation_positions, adapter.generation_started = None, False
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences], dim=1)
+        return out
+
 
 class DeptAdapter(Adapter):
     def __init__(self, config: "DeptConfig", layer, module_name: str, shared: DeptPrompt = None):
@@ -112,6 +147,9 @@ class DeptAdapter(Adapter):
         self.lora_embedding_A = nn.Parameter(torch.empty(config.max_length, config.r))
         self.lora_embedding_B = nn.Parameter(torch.zeros(config.r, dim))
         nn.init.kaiming_uniform_(self.lora_embedding_A, a=math.sqrt(5))
+        # Set only while DeptPrompt.generate runs: (b, n) positions of the first call, then (b, 1) per new token.
+        self.generation_positions: torch.Tensor | None = None
+        self.generation_started = False
 
     def position_table(self, length: int | None = None) -> torch.Tensor:
         """The additive (length x d) table: row i is added to the embedding at position i."""
@@ -125,11 +163,22 @@ class DeptAdapter(Adapter):
         )
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        if self.generation_positions is not None:
+            return base_out + self._rows_at_generation_positions(x)
         length = x.shape[-1]
         if length > self.config.max_length:
             raise ShapeError(f"DePT: input length {length} exceeds max_length={self.config.max_length} of the "
                              "position-wise table; truncate inputs or adapt with a larger max_length")
         return base_out + self.position_table(length)
+
+    def _rows_at_generation_positions(self, x: torch.Tensor) -> torch.Tensor:
+        positions = self.generation_positions
+        if self.generation_started:  # a cached decoding step: the new tokens follow each sample's last position
+            positions = positions[:, -1:] + torch.arange(1, x.shape[-1] + 1, device=x.device)
+        self.generation_positions, self.generation_started = positions, True
+        table = self.position_table()
+        padded = torch.cat([table, table.new_zeros(1, table.shape[1])])  # row s: the zero row past max_length
+        return padded[positions.clamp(max=self.config.max_length)]
 
     def parameter_groups(self) -> list[dict]:
         return [{"params": [self.lora_embedding_A, self.lora_embedding_B], "lr_scale": self.config.embedding_lr_scale}]

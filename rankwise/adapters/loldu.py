@@ -13,8 +13,10 @@ The first r factors are taken in pivot order (not by magnitude), as the official
 update is exactly zero at init and has rank <= r. The permutation is folded into L's rows once, so
 the run-time path is two skinny matmuls (the reference materialises W' with a dense out x out P every
 forward). The factors are recomputed from W when an adapter is loaded (LU with partial pivoting is
-deterministic), so files hold only z. A weight whose first r pivots vanish is refused with a clear
-error instead of producing inf/NaN. Conv kernels are factorised as out x (in * kernel), embeddings
+deterministic), so files hold only z. A wide weight whose direct split meets a zero column (an
+embedding's zero padding row) is factorised through its transpose instead; a weight that is
+rank-deficient within its first r pivots either way is refused with a clear error instead of
+producing inf/NaN. Conv kernels are factorised as out x (in * kernel), embeddings
 as dim x num_embeddings.
 """
 from __future__ import annotations
@@ -40,7 +42,18 @@ class LolduAdapter(Adapter):
         try:
             lower, pivots, upper = ldu_factors(flat, r)
         except ValueError as err:
-            raise TargetError(f"LoLDU cannot factorise {module_name!r}: {err}. Exclude this module (exclude_modules).") from None
+            # Row pivoting cannot step over a zero column, which a wide weight of full row rank may well have: an
+            # embedding's padding row (dim x num_embeddings, row `padding_idx` is zero). The transpose is tall, so
+            # its pivots cannot vanish unless W is truly rank-deficient; W = U_t^T diag(D) (P L)_t^T has the same
+            # form. Taken only when the direct split fails, so every weight the direct split handles keeps its
+            # factors (saved z values stay valid), and reloading repeats the same choice from the same W.
+            if flat.shape[0] >= flat.shape[1]:
+                raise TargetError(f"LoLDU cannot factorise {module_name!r}: {err}. Exclude this module (exclude_modules).") from None
+            try:
+                lower_t, pivots, upper_t = ldu_factors(flat.T, r)
+            except ValueError:
+                raise TargetError(f"LoLDU cannot factorise {module_name!r}: {err}. Exclude this module (exclude_modules).") from None
+            lower, upper = upper_t.T, lower_t.T
         self.r = r
         self.scaling = config.loldu_alpha / r
         self.loldu_z = nn.Parameter(pivots.clone())

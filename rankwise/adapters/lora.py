@@ -82,6 +82,9 @@ class LoraAdapter(Adapter):
         alpha = float(resolve_pattern(config.alpha_pattern, module_name, config.lora_alpha))
         self.r = r
         self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        # PiSSA: how many principal components the base residual lost. It stays fixed when a rank-changing
+        # procedure later resizes A and B, and is saved (`pissa_rank_pattern`) so a reload rebuilds that residual.
+        self.pissa_rank = int(resolve_pattern(config.pissa_rank_pattern, module_name, r)) if config.init_lora_weights == "pissa" else None
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         weight = layer.weight_matrix()
         if layer.kind == "conv":
@@ -112,12 +115,17 @@ class LoraAdapter(Adapter):
     @torch.no_grad()
     def _pissa_init(self, layer) -> None:
         # The principal r-dim subspace becomes the adapter; the base keeps the residual, so the output is unchanged.
+        # Reloading an adapter whose rank a procedure changed after the split (pissa_rank != r): the residual still
+        # drops all pissa_rank components; A and B hold the first min(r, pissa_rank) (the file overwrites them).
         weight = layer.weight_matrix()
-        U, S, Vh = truncated_svd(weight.float().flatten(1), self.r)
+        U, S, Vh = truncated_svd(weight.float().flatten(1), self.pissa_rank)
         root = (S / self.scaling).sqrt()
-        self.lora_A.copy_((root[:, None] * Vh).view_as(self.lora_A))
-        self.lora_B.copy_((U * root).view_as(self.lora_B))
-        residual = weight.float() - self.delta_weight(weight).view_as(weight)
+        k = min(self.r, self.pissa_rank)
+        A, B = torch.zeros_like(self.lora_A.flatten(1)), torch.zeros_like(self.lora_B.flatten(1))
+        A[:k], B[:, :k] = root[:k, None] * Vh[:k], U[:, :k] * root[:k]
+        self.lora_A.copy_(A.view_as(self.lora_A))
+        self.lora_B.copy_(B.view_as(self.lora_B))
+        residual = weight.float() - ((U * S) @ Vh).view_as(weight)
         layer.base_layer.weight.copy_(layer.to_native(residual).to(weight.dtype))
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
@@ -164,6 +172,9 @@ class LoraConfig(AdapterConfig):
         "pissa" (principal singular subspace of W moved into A, B; the base keeps the residual),
         False (random A and B: a non-zero update, for tests).
     rank_pattern / alpha_pattern: per-module overrides, {module-name regex: value} (PEFT semantics).
+    pissa_rank_pattern: with "pissa", the number of components each layer's base residual lost where it differs
+        from the layer's rank ({module regex: rank}); written by rank-changing procedures (IncreLoRA, TriAdaptLoRA,
+        Maestro) so the file reloads onto the original base exactly. Not a PEFT field; omitted from files when empty.
     fan_in_fan_out: kept for PEFT files only; rankwise reads the weight layout from the layer type (GPT-2 Conv1D).
     """
 
@@ -175,6 +186,7 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     fan_in_fan_out: bool = False
+    pissa_rank_pattern: dict = dataclasses.field(default_factory=dict)
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
     peft_neutral_fields: ClassVar[dict] = {
@@ -195,10 +207,16 @@ class LoraConfig(AdapterConfig):
         self._check(isinstance(self.use_rslora, bool), "use_rslora", "True or False")
         self._check(any(self.init_lora_weights is c or self.init_lora_weights == c and isinstance(c, str) for c in INIT_CHOICES),
                     "init_lora_weights", "True, False, 'gaussian' or 'pissa'")
-        for field in ("rank_pattern", "alpha_pattern"):
+        for field in ("rank_pattern", "alpha_pattern", "pissa_rank_pattern"):
             value = getattr(self, field)
             self._check(isinstance(value, dict) and all(isinstance(v, (int, float)) and v > 0 for v in value.values()),
                         field, "a dict {module regex: positive number}")
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if not data.get("pissa_rank_pattern"):  # rankwise-only and rarely set: keep ordinary LoRA files PEFT's
+            data.pop("pissa_rank_pattern", None)
+        return data
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
         weight_shape = tuple(base_layer.weight.shape)

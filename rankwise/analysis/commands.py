@@ -34,7 +34,7 @@ def analyze_command(
     rank: int = typer.Option(8, help="largest i, j in the similarity grid phi(i, j)"),
     base: Path = typer.Option(None, help="local model dir the adapter was trained on: needed for non-LoRA methods"),
     num_labels: int = typer.Option(None, help="classifier labels of --base (default: from the saved head, else 2)"),
-    out: Path = typer.Option(None, help="output directory (default ADAPTER_DIR/analysis)"),
+    out: Path = typer.Option(None, "--output", "-o", "--out", help="output directory (default ADAPTER_DIR/analysis)"),
 ):
     """Singular spectra, stable/effective/energy rank of every learned update; PNG plots + report.json."""
     from rankwise.analysis.spectra import adapter_updates, analyze_updates
@@ -67,7 +67,7 @@ def mnn_command(
     field: str = typer.Option(None, help="JSON field holding the text (default response/output/text)"),
     entropy: bool = typer.Option(False, help="also compute SVD-based matrix entropy and time both"),
     max_length: int = typer.Option(2048), limit: int = typer.Option(None, help="use the first N texts"),
-    out: Path = typer.Option(None, help="write the result JSON here"),
+    out: Path = typer.Option(None, "--output", "-o", "--out", help="write the result JSON here"),
 ):
     """Matrix Nuclear-Norm (arXiv 2410.10672) of a model's hidden states on a text file."""
     from rankwise.analysis.mnn import evaluate_texts, load_base_model, read_texts
@@ -93,7 +93,7 @@ def intrinsic_dim_command(
     dims: str = typer.Option("20,80,160,320,640", help="comma-separated subspace sizes d"),
     projection: str = typer.Option("dense", help="dense or fastfood"),
     seeds: int = typer.Option(3), steps: int = typer.Option(300),
-    out: Path = typer.Option(None, help="write the sweep JSON here"),
+    out: Path = typer.Option(None, "--output", "-o", "--out", help="write the sweep JSON here"),
 ):
     """Intrinsic dimension sweep (arXiv 1804.08838) on sklearn digits: accuracy by d and d_int90."""
     from rankwise.analysis.intrinsic_dim import intrinsic_dimension_sweep

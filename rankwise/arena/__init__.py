@@ -106,7 +106,7 @@ def register(app) -> None:
 
     @bench.command("arena")
     def arena(
-        output: Path = typer.Option(Path("bench/results/arena"), help="Output directory (results/, arena.json, PNGs)."),
+        output: Path = typer.Option(Path("bench/results/arena"), "--output", "-o", "--out", help="Output directory (results/, arena.json, PNGs)."),
         quick: bool = typer.Option(False, "--quick", help="CI mode: tiny model built from a config, a few steps."),
         steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps per run (same for every contender)."),
         batch_size: Optional[int] = typer.Option(None, min=1),

@@ -117,7 +117,7 @@ def compress_command(
     ratio: float = typer.Option(0.5, "--ratio", help="fraction of the compressed layers' parameters to keep, in (0, 1]"),
     calibration: str = typer.Option("auto", "--calibration", "-c",
                                     help="text file, .safetensors with input_ids, or kjv / lee / auto"),
-    out: Path = typer.Option(Path("compressed"), "--out", "-o", help="output directory"),
+    out: Path = typer.Option(Path("compressed"), "--output", "-o", "--out", help="output directory (--out: deprecated alias)"),
     samples: int = typer.Option(32, help="calibration sequences"),
     eval_samples: int = typer.Option(16, help="held-out sequences for the quality measurement"),
     seq_len: int = typer.Option(128, help="tokens per sequence"),

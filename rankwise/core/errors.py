@@ -37,3 +37,7 @@ def check_field(condition: bool, config_name: str, field: str, value, allowed: s
 
 class MergeError(RankwiseError, ValueError):
     """Merging an adapter would put non-finite values into the base weight (raised by safe merge)."""
+
+
+class TrainingError(RankwiseError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN/inf); nothing is saved from the broken run."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 import weakref
 from typing import Any, Iterator
 
@@ -84,6 +85,9 @@ class AdaptedModel(nn.Module):
         self.shared = nn.ModuleDict()  # per adapter name: tensors shared across layers (owned once, here)
         self._active: list[str] = []
         self._inputs_disabled = False  # set inside disable_adapter(): input-side adapters step aside too
+        # (module, attribute, shared parameter) given a private copy by a merge into a tied weight; see merge_adapter
+        self._untied: list[tuple[nn.Module, str, nn.Parameter]] = []
+        self._untied_config_flag: bool | None = None
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -139,6 +143,17 @@ class AdaptedModel(nn.Module):
         return args, kwargs
 
     def generate(self, *args, **kwargs):
+        """The wrapped model's `generate`; an active input-side adapter (DePT) that defines
+        `generate(model, adapter, args, kwargs)` on its shared module runs it instead, so its prompt is not dropped."""
+        if not self._inputs_disabled:
+            for name in self._active:
+                hook = getattr(self.shared[name], "generate", None) if name in self.shared else None
+                if hook is None:
+                    continue
+                if len([n for n in self._active if n in self.shared and hasattr(self.shared[n], "generate")]) > 1:
+                    raise AdapterStateError("only one active input-side adapter can generate at a time; set_adapter one")
+                layer = self.model.get_input_embeddings()
+                return hook(self.model, layer.adapters[name], args, kwargs)
         return self.model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
@@ -290,13 +305,65 @@ class AdaptedModel(nn.Module):
 
     # ---- merge --------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights in place.
+
+        A weight tied to another module (a LLaMA's `embed_tokens` and its `lm_head` share one tensor) is untied
+        first: the adapter on the embedding changes only the input side in the forward pass, so merging it into
+        the shared tensor would silently change the head too. The other module keeps the unmerged weight in a
+        private copy (and `config.tie_word_embeddings` is set to False, so a saved merged model reloads with both);
+        `unmerge_adapter` ties them again.
+        """
         names = self._active if adapter_names is None else adapter_names
-        for _, layer in self.adapted_layers():
-            layer.merge(names, safe_merge=safe_merge)
+        self._untie_shared_weights(names)
+        try:
+            for _, layer in self.adapted_layers():
+                layer.merge(names, safe_merge=safe_merge)
+        except Exception:
+            if not any(layer.merged_adapters for _, layer in self.adapted_layers()):
+                self._retie_shared_weights()  # nothing merged (a safe merge refused): leave the model as it was
+            raise
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapted_layers():
             layer.unmerge()
+        self._retie_shared_weights()
+
+    def _untie_shared_weights(self, names: list[str]) -> None:
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in self.model.modules():
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    owners.setdefault(id(param), []).append((module, attr))
+        for layer_name, layer in self.adapted_layers():
+            if not any(n in layer.adapters and n not in layer.merged_adapters for n in names):
+                continue
+            weight = layer.base_layer.weight
+            others = [(m, a) for m, a in owners.get(id(weight), []) if m is not layer.base_layer]
+            for module, attr in others:
+                copy_ = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+                setattr(module, attr, copy_)
+                self._untied.append((module, attr, weight))
+                owners[id(copy_)] = [(module, attr)]
+            if others:
+                owners[id(weight)] = [(layer.base_layer, "weight")]
+                config = getattr(self.model, "config", None)
+                if getattr(config, "tie_word_embeddings", False):
+                    self._untied_config_flag = True
+                    config.tie_word_embeddings = False
+                warnings.warn(
+                    f"the weight of {layer_name!r} is shared with another module (tied embeddings); merging unties "
+                    "them so that module keeps the unmerged weight and the outputs stay equal "
+                    "(config.tie_word_embeddings is now False); unmerge_adapter() ties them again",
+                    stacklevel=3,
+                )
+
+    def _retie_shared_weights(self) -> None:
+        while self._untied:
+            module, attr, shared = self._untied.pop()
+            setattr(module, attr, shared)
+        if self._untied_config_flag is not None:
+            self.model.config.tie_word_embeddings = self._untied_config_flag
+            self._untied_config_flag = None
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the active (or given) adapters into the base weights and return the plain base model.
@@ -324,6 +391,8 @@ class AdaptedModel(nn.Module):
             _set_submodule(self.model, name, chosen)
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, True))
+        self._untied = []  # a merged model keeps its untied copies (the merge is final)
+        self._untied_config_flag = None
         return self.model
 
     # ---- parameters ---------------------------------------------------------------------------

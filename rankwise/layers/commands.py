@@ -17,7 +17,7 @@ def s4d_demo_command(
     epochs: int = typer.Option(40),
     d_model: int = typer.Option(64), d_state: int = typer.Option(64), n_layers: int = typer.Option(2),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(None, help="write the result as JSON here"),
+    out: Path = typer.Option(None, "--output", "-o", "--out", help="write the result as JSON here"),
 ):
     """Train an S4D classifier on permuted-pixel sklearn digits (runs offline) and report test accuracy."""
     from rankwise.layers.s4d_demo import run_sequence_demo

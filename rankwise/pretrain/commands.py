@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     def pretrain_command(
         method: str = typer.Option("full", help="full | galore | dct | sltrain | lost"),
         corpus: str = typer.Option("kjv", help="kjv (apt bible-kjv) | fortunes (apt fortunes) | lee (pip gensim) | PATH.txt"),
-        out: Path = typer.Option(Path("runs/pretrain"), help="output directory (model, metrics.json, val_ppl.png)"),
+        out: Path = typer.Option(Path("runs/pretrain"), "--output", "-o", "--out", help="output directory (model, metrics.json, val_ppl.png)"),
         steps: int = typer.Option(500, help="optimizer steps"),
         batch_size: int = typer.Option(16),
         seq_len: int = typer.Option(128, help="tokens (bytes) per sequence"),
@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
     @app.command("welore")
     def welore_command(
         run: Path = typer.Argument(..., help="the --out directory of a `rankwise pretrain` run (ideally --method galore)"),
-        out: Optional[Path] = typer.Option(None, help="output directory (default RUN/welore)"),
+        out: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="output directory (default RUN/welore)"),
         target: float = typer.Option(0.5, help="global rank reduction for the fine-tuned model"),
         sweep: str = typer.Option("0.3,0.5,0.7", help="comma-separated reductions for the trade-off sweep"),
         min_ratio: float = typer.Option(0.4999, help="a matrix is factorised (LRC) if its own reduction exceeds this"),

@@ -114,7 +114,7 @@ def complete_command(
     delta: float = typer.Option(1e-10, help="relative residual of each inexact least-squares solve"),
     tol: float = typer.Option(0.0, help="stop when the observed-entry relative error is <= tol"),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("completion.npz"), help="writes U and V (M ~ U @ V.T)"),
+    out: Path = typer.Option(Path("completion.npz"), "--output", "-o", "--out", help="writes U and V (M ~ U @ V.T)"),
 ):
     """Robust alternating-minimisation matrix completion (arXiv 2302.11068)."""
     from rankwise.solvers.completion import altmin_completion
@@ -134,7 +134,7 @@ def sense_command(
     correction: str = typer.Option("auto", help="one-step correction: auto, none, or an iteration number"),
     init_scale: float = typer.Option(0.1), lr: float = typer.Option(0.1), iterations: int = typer.Option(3000),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("sensing.npz")),
+    out: Path = typer.Option(Path("sensing.npz"), "--output", "-o", "--out"),
 ):
     """Factored GD matrix sensing with the one-step correction (arXiv 2310.01769)."""
     from rankwise.solvers.sensing import matrix_sensing
@@ -153,7 +153,7 @@ def subgm_command(
     rank: int = typer.Option(..., "--rank", "-r", help="search rank (may over-estimate, up to d)"),
     init_scale: float = typer.Option(1e-8), step: float = typer.Option(0.5), decay: float = typer.Option(0.99),
     iterations: int = typer.Option(3000), seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("subgm.npz")),
+    out: Path = typer.Option(Path("subgm.npz"), "--output", "-o", "--out"),
 ):
     """Robust PSD low-rank recovery with the sub-gradient method (arXiv 2202.08788)."""
     from rankwise.solvers.subgm import subgm
@@ -171,7 +171,7 @@ def eig_command(
     shuffle: bool = typer.Option(True, help="visit rows in a random order (the method assumes random order)"),
     chunk: int = typer.Option(4096, help="rows read from disk at a time"),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("top_eigenvector.npy")),
+    out: Path = typer.Option(Path("top_eigenvector.npy"), "--output", "-o", "--out"),
 ):
     """Top eigenvector of A^T A in one random-order pass over the rows (arXiv 2412.11963)."""
     from rankwise.solvers.streaming_eig import streaming_top_eigenvector

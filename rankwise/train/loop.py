@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, runtime_che
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rankwise.core.errors import CheckpointError, ConfigError
+from rankwise.core.errors import CheckpointError, ConfigError, TrainingError
 
 if TYPE_CHECKING:
     from rankwise.train.distributed import DataParallel
@@ -56,6 +56,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     schedule: str = "linear"  # "linear" | "cosine" | "constant" (transformers' formulas)
     warmup_ratio: float = 0.06
+    warmup_steps: int | None = None  # when set, overrides warmup_ratio (optimizer steps)
+    max_steps: int = 0  # > 0: train exactly this many optimizer steps (overrides epochs; the data repeats as needed)
     seed: int = 0
     eval_every: int = 0  # optimizer steps between evaluations (0: only at the end of each epoch)
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); needs output_dir
@@ -67,7 +69,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.epochs >= 1, "epochs", "an integer >= 1"),
-            (self.lr > 0, "lr", "a number > 0"),
+            (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 1, "lr",
+             "a finite number in (0, 1] (AdamW learning rates are typically 1e-5 .. 1e-2)"),
+            (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 10,
+             "weight_decay", "a finite number in [0, 10]"),
+            (self.max_steps >= 0, "max_steps", "an integer >= 0 (0: run the full epochs)"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "None or an integer >= 0"),
             (self.grad_accum >= 1, "grad_accum", "an integer >= 1"),
             (self.schedule in ("linear", "cosine", "constant"), "schedule", "'linear', 'cosine' or 'constant'"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)"),
@@ -160,7 +167,7 @@ def build_optimizer(model, config: TrainConfig, param_groups, total_steps: int):
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError("nothing to train: the model has no parameter with requires_grad=True")
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_ratio * total_steps)
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
     factors = [LRFactor(config.schedule, total_steps, warmup) for _ in optimizer.param_groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     return optimizer, scheduler
@@ -216,7 +223,10 @@ def train(
         raise ConfigError("TrainConfig.checkpoint_every is set but train(output_dir=None): give an output_dir for the checkpoints")
     seed_everything(config.seed)
     steps_per_epoch = math.ceil(len(batches(0)) / config.grad_accum)
-    total = steps_per_epoch * config.epochs
+    if steps_per_epoch == 0:
+        raise ConfigError("no training batches: the training data is empty")
+    total = config.max_steps or steps_per_epoch * config.epochs
+    epochs = math.ceil(total / steps_per_epoch) if config.max_steps else config.epochs
     optimizer, scheduler = build_optimizer(model, config, param_groups, total)
     state = TrainState(model, optimizer, scheduler, total_steps=total, config=config, data_parallel=data_parallel)
     if resume_from is not None:
@@ -229,7 +239,7 @@ def train(
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
     with denormals_flushed(config.flush_denormals), Progress(*columns, disable=not (progress and is_main), transient=False) as bar:
         task = bar.add_task("train", total=total, completed=state.step, loss=state.loss)
-        for epoch in range(state.epoch, config.epochs):
+        for epoch in range(state.epoch, epochs):
             state.epoch = epoch
             model.train()
             epoch_batches = batches(epoch)
@@ -237,6 +247,8 @@ def train(
             for i in range(state.batch_index, len(epoch_batches)):
                 if stop_after is not None and state.step >= stop_after:
                     return state
+                if state.step >= total:  # --max-steps reached mid-epoch
+                    break
                 if i % config.grad_accum == 0:
                     _call(callbacks, "on_step_start", state)
                 if dp is None:
@@ -244,8 +256,13 @@ def train(
                 else:  # this rank's rows; the weight makes the ranks' average the global batch's gradient
                     local, weight = dp.shard(epoch_batches[i])
                     loss = loss_fn(model, local) * weight / config.grad_accum
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(f"the training loss became {value} at optimizer step {state.step + 1} "
+                                        f"(epoch {epoch}, batch {i}): training stopped and nothing was saved; lower "
+                                        "the learning rate, keep gradient clipping on, or use float32")
                 loss.backward()
-                running += float(loss.detach())
+                running += value
                 state.batch_index = i + 1
                 if (i + 1) % config.grad_accum != 0 and i + 1 != len(epoch_batches):
                     continue
@@ -278,7 +295,9 @@ def train(
             state.batch_index = 0
             if evaluate and not config.eval_every:
                 _run_eval(state, evaluate, callbacks, metrics)
-        state.epoch = config.epochs
+            if state.step >= total:
+                break
+        state.epoch = epochs
     return state
 
 

@@ -6,7 +6,7 @@
 - `replace_parameter`: swap a tensor for a resized one *between optimizer steps*, carrying its optimizer
   state over (sliced for kept entries, filled for new ones), as DESIGN.md asks of rank-changing procedures;
 - `record_ranks`: write the final per-layer ranks into the config's `rank_pattern` (and `alpha_pattern`,
-  so the scaling each layer trained with survives), so the saved adapter reloads exactly;
+  so the scaling each layer trained with survives, and PiSSA's split rank), so the saved adapter reloads exactly;
 - `rank_table` / `plot_ranks`: the per-layer rank report and the PNG of rank over training.
 """
 from __future__ import annotations
@@ -139,7 +139,12 @@ def record_ranks(model, adapters: dict, adapter_name: str | None = None) -> None
         alphas[key] = float(adapter.scaling * (math.sqrt(adapter.r) if config.use_rslora else adapter.r))
     rank_pattern = {**ranks, **{k: v for k, v in config.rank_pattern.items() if k not in ranks}}
     alpha_pattern = {**alphas, **{k: v for k, v in config.alpha_pattern.items() if k not in alphas}}
-    model.configs[name] = dataclasses.replace(config, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    changes = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    if config.init_lora_weights == "pissa":  # the base residual keeps the components split off at init
+        split = {re.escape(m): int(a.pissa_rank) for m, a in adapters.items() if a.pissa_rank is not None and a.pissa_rank != a.r}
+        own = {re.escape(m) for m in adapters}
+        changes["pissa_rank_pattern"] = {**split, **{k: v for k, v in config.pissa_rank_pattern.items() if k not in own}}
+    model.configs[name] = dataclasses.replace(config, **changes)
 
 
 def rank_table(ranks: dict[str, int], title: str = "per-layer ranks"):

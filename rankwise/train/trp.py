@@ -151,17 +151,27 @@ def decompose(model: nn.Module, target_modules: list[str] | None = None, value_t
 def save_low_rank(model: nn.Module, ranks: dict[str, int], directory: str | Path) -> None:
     """Write a decomposed model: `model.safetensors` (all tensors) + `low_rank.json` (`{module: rank}`)."""
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, tied, seen = {}, {}, {}
+    for key, value in model.state_dict().items():
+        ptr = (value.data_ptr(), value.shape)
+        if ptr in seen:  # tied tensors (an LM head tied to the embeddings) are written once; safetensors refuses aliases
+            tied[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        state[key] = value.detach().contiguous().cpu()
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_text(directory / RANKS_FILE, json.dumps({"method": "trp", "paper": "2004.14566", "ranks": ranks}, indent=2))
+    atomic_write_text(directory / RANKS_FILE, json.dumps({"method": "trp", "paper": "2004.14566", "ranks": ranks,
+                                                          "tied": tied}, indent=2))
 
 
 def load_low_rank(base: nn.Module, directory: str | Path) -> nn.Module:
     """A copy of `base` (same architecture) with the factor layers saved by `save_low_rank`; `base` is unchanged."""
     directory = Path(directory)
     try:
-        ranks = json.loads((directory / RANKS_FILE).read_text())["ranks"]
+        info = json.loads((directory / RANKS_FILE).read_text())
+        ranks, tied = info["ranks"], info.get("tied", {})
         weights = load_file(str(directory / WEIGHTS_FILE))
+        weights.update({alias: weights[source] for alias, source in tied.items()})
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory} is not a TRP low-rank model ({err}); write one with save_low_rank") from None
     base = copy.deepcopy(base)

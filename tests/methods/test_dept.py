@@ -134,3 +134,69 @@ def test_bad_targets_and_config():
                          ("embedding_lr_scale", 0), ("prompt_init", "text"), ("prompt_init_ids", [])):
         with pytest.raises(ConfigError, match=field):
             rankwise.DeptConfig(target_modules=["x"], **{field: value})
+
+
+# ---- on a LLaMA-architecture decoder (RoPE positions, causal mask, GQA, tied embeddings) ----------------------
+
+def _llama(**kw):
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    reference = copy.deepcopy(base)
+    cfg = dict(num_virtual_tokens=3, r=2, max_length=20, target_modules=["embed_tokens"])
+    model = rankwise.adapt(base, rankwise.DeptConfig(**{**cfg, **kw}))
+    adapter = dict(model.adapted_layers())["model.embed_tokens"].adapters["default"]
+    with torch.no_grad():
+        adapter.lora_embedding_B.normal_()
+    return model, reference
+
+
+def _greedy_without_cache(model, ids, steps):
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+def test_llama_trains_with_the_prompt_and_right_padding_is_masked():
+    model, reference = _llama()
+    ids = torch.randint(3, 64, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 3 + 8, 64) and torch.isfinite(out.loss)
+    assert not torch.allclose(out.logits[:, 3:], reference(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    out.loss.backward()
+    assert model.shared["default"].prompt_embeddings.grad.abs().sum() > 0
+    # causal mask + padding: what follows a token (padding included) does not change its logits
+    ids2 = ids.clone()
+    ids2[1, 5:] = 7
+    with torch.no_grad():
+        out2 = model(input_ids=ids2, attention_mask=mask).logits
+    torch.testing.assert_close(out2[1, : 3 + 5], out.logits[1, : 3 + 5].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_llama_generate_keeps_the_prompt_and_the_position_table_under_the_kv_cache():
+    model, reference = _llama()
+    ids = torch.randint(3, 64, (2, 6))
+    generated = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    # every cached step must give what a full forward of the whole sequence gives (prompt + table row per position)
+    torch.testing.assert_close(generated, _greedy_without_cache(model, ids, 6), atol=0, rtol=0)
+    with model.disable_adapter():
+        plain = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(plain, reference.generate(input_ids=ids, max_new_tokens=6, do_sample=False), atol=0, rtol=0)
+
+
+def test_llama_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model, _ = _llama()
+    long_ids, short_ids = torch.randint(3, 64, (1, 7)), torch.randint(3, 64, (1, 4))
+    batch = torch.cat([long_ids, torch.cat([torch.zeros(1, 3, dtype=torch.long), short_ids], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    together = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    alone = model.generate(input_ids=short_ids, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(together[1, 3:], alone[0], atol=0, rtol=0)
+    torch.testing.assert_close(together[0], model.generate(input_ids=long_ids, max_new_tokens=5, do_sample=False)[0])

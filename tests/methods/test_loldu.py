@@ -69,6 +69,25 @@ def test_zero_weight_layer_is_refused_clearly():
     assert isinstance(base.lin0, nn.Linear) and isinstance(base.lin1, nn.Linear)
 
 
+def test_embedding_with_a_zero_padding_row_is_factorised_through_its_transpose(tmp_path):
+    # dim x num_embeddings with column padding_idx zero: row-pivoted LU of W meets a zero pivot at once, the
+    # transpose does not; the split must still be exact and the update exactly zero at init.
+    base = nn.Sequential(nn.Embedding(40, 16, padding_idx=0))
+    reference = copy.deepcopy(base)
+    model = rankwise.adapt(base, rankwise.LolduConfig(target_modules=["0"], loldu_alpha=4.0))
+    adapter = model.model[0].adapters["default"]
+    W = model.model[0].weight_matrix()
+    torch.testing.assert_close(adapter.lower @ torch.diag(adapter.pivots) @ adapter.upper, W, atol=1e-5 * W.norm(), rtol=0)
+    ids = torch.randint(0, 40, (3, 7))
+    torch.testing.assert_close(model(ids), reference(ids), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        adapter.loldu_z.mul_(1.5)
+    changed = model(ids).detach()
+    model.save_adapter(tmp_path)
+    loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
+    torch.testing.assert_close(loaded(ids), changed, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs,field", [({"r": 0}, "r"), ({"r": "full"}, "r"), ({"loldu_alpha": 0}, "loldu_alpha")])
 def test_bad_hyper_parameters(kwargs, field):
     with pytest.raises(rankwise.ConfigError, match=field):

@@ -138,7 +138,7 @@ def test_cli_rejects_nonsense_nproc(tiny_model_dir, sentiment_csv, tmp_path):
 def test_cli_nproc_2_matches_nproc_1(tiny_model_dir, sentiment_csv, tmp_path):
     args = ["finetune", "--method", "lora", "--rank", "4", "--targets", "query,value", "--epochs", "6", "--lr", "1e-2",
             "--batch-size", "16", "--train-size", "300", "--test-size", "80", "--data", str(sentiment_csv),
-            "--model", str(tiny_model_dir), "-o", "lora_alpha=8", "--threads", "1"]
+            "--model", str(tiny_model_dir), "--option", "lora_alpha=8", "--threads", "1"]
     one = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "one")])
     with one_launch_at_a_time():
         two = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "two"), "--nproc", "2"])

@@ -1,6 +1,7 @@
 """Maestro (arXiv 2308.14929) on LoRA's update: the spec's checks (methods-adapters-b.md B2 §4)."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -111,3 +112,38 @@ def test_bad_settings():
         Maestro(lora_mlp(), min_rank=0)
     with pytest.raises(ConfigError, match="LoRA"):
         Maestro(MLP())
+
+
+@pytest.mark.parametrize("change", ["shrink", "grow"])
+def test_pissa_adapter_whose_rank_changed_reloads_onto_the_original_base(change, tmp_path):
+    # PiSSA moves W's top-r components into A, B and leaves the residual in the base. After a procedure resizes
+    # the adapter, the residual still lacks those r components: the saved config must say so (pissa_rank_pattern),
+    # or a reload would split off the new rank's components and give another model.
+    import copy
+
+    from rankwise.train.lora_tools import lora_adapters, record_ranks, resize_lora
+
+    torch.manual_seed(0)
+    base = MLP()
+    reference = copy.deepcopy(base)
+    model = rankwise.adapt(base, rankwise.LoraConfig(r=4, lora_alpha=4, target_modules=["lin0", "lin1"], init_lora_weights="pissa"))
+    adapters = lora_adapters(model, "test")
+    for adapter in adapters.values():
+        if change == "shrink":
+            resize_lora(adapter, keep=torch.tensor([0, 1]))
+        else:
+            resize_lora(adapter, grow=2, new_B=torch.randn(adapter.lora_B.shape[0], 2) * 0.1)
+    record_ranks(model, adapters)
+    x = torch.randn(5, 16)
+    expected = model(x).detach()
+    model.save_adapter(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["pissa_rank_pattern"].values()) == {4} and set(saved["rank_pattern"].values()) == {2 if change == "shrink" else 6}
+    loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
+    torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_lora_files_carry_no_pissa_rank_pattern(tmp_path):
+
+    rankwise.adapt(MLP(), rankwise.LoraConfig(r=2, target_modules=["lin0"], init_lora_weights="pissa")).save_adapter(tmp_path)
+    assert "pissa_rank_pattern" not in json.loads((tmp_path / "adapter_config.json").read_text())
