@@ -7,8 +7,13 @@ its entries or resize to them, `Adapter.prepare_load`).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,14 +30,80 @@ PREFIX = "base_model.model."
 SHARED_PREFIX = "rankwise_shared."
 
 
+# Names of what an interrupted save can leave behind: `atomic_write`'s temp files (`.<name>.<8 random chars>`,
+# mkstemp's pattern), a staged directory (`.<dir>.saving-<random>`) and a swapped-out old one (`.<dir>.old-<random>`).
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}$")
+_STAGED_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<what>saving|old)-[A-Za-z0-9_]{8}$")
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; files get 0o666 & ~umask, as `open` gives)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory, name: str | None = None) -> list[Path]:
+    """Delete what interrupted saves left in `directory` (for the file or directory `name`, or for every name).
+
+    A swapped-out old directory whose target is missing (a crash between the two renames of a directory swap)
+    is renamed back instead: it is the last complete save. Returns the paths removed or restored.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    touched = []
+    for entry in directory.iterdir():
+        staged = _STAGED_DIR.match(entry.name)
+        if staged and entry.is_dir() and (name is None or staged["name"] == name):
+            target = directory / staged["name"]
+            if staged["what"] == "old" and not target.exists():
+                os.rename(entry, target)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+            touched.append(entry)
+            continue
+        temp = _TEMP_FILE.match(entry.name)
+        if temp and entry.is_file() and (name is None or temp["name"] == name) and not _STAGED_DIR.match(entry.name):
+            entry.unlink(missing_ok=True)
+            touched.append(entry)
+    return touched
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same directory and `os.replace` it: a crash leaves the old file."""
+    """Write through a temp file in the same directory and `os.replace` it: a crash leaves the old file.
+
+    The file gets the user's umask (0644 typically; mkstemp alone would leave 0600), and temp files of the
+    same name left by an earlier crash are removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -41,7 +112,96 @@ def atomic_write(path: Path, write) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """Carry an entry of the old directory into the staged one: hard links (no copy), copies where linking fails."""
+    if source.is_dir() and not source.is_symlink():
+        destination.mkdir()
+        for child in source.iterdir():
+            _link_tree(child, destination / child.name)
+        return
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(stage, target)
+        return
+    if _exchange(stage, target):
+        shutil.rmtree(stage, ignore_errors=True)  # `stage` now holds the old directory
+        return
+    # Two renames: a crash between them leaves the old save as `.<name>.old-*`, which the next save or load
+    # (`remove_stale_temps`) renames back.
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target, keep_other_entries: bool = True):
+    """Write a whole directory at once: yields an empty staged sibling, swapped in place of `target` on success.
+
+        with atomic_directory("out/adapter") as stage:      # out/.adapter.saving-XXXXXXXX/
+            write(stage / "adapter_config.json"); write(stage / "adapter_model.safetensors")
+        # out/adapter/ now holds both new files, or (after a crash or an exception) both old ones
+
+    Entries of the old directory the new save does not write (other adapters' sub-directories, user files)
+    are carried over as hard links when `keep_other_entries`. Leftovers of interrupted saves are removed first.
+    A directory that is the working directory (or holds it) cannot be swapped: it is written file by file.
+    """
+    target = Path(target).absolute()
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        target.mkdir(parents=True, exist_ok=True)
+        yield target
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent, target.name)
+    if target.is_dir():
+        remove_stale_temps(target)
+    elif target.exists():
+        raise CheckpointError(f"cannot save into {target}: it is a file, not a directory")
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        os.chmod(stage, 0o777 & ~_umask())
+        yield stage
+        for path in stage.rglob("*"):
+            if path.is_file():
+                if not path.is_symlink():
+                    os.chmod(path, 0o666 & ~_umask())
+                _fsync(path)
+        if keep_other_entries and target.is_dir():
+            for entry in target.iterdir():
+                if not (stage / entry.name).exists() and not _TEMP_FILE.match(entry.name) and not _STAGED_DIR.match(entry.name):
+                    _link_tree(entry, stage / entry.name)
+        _swap_in(stage, target)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -68,27 +228,38 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model, directory, adapter_names: list[str] | None = None) -> None:
-    directory = Path(directory)
+    """Write the adapters (config + weights of each) into `directory` as one atomic step (`atomic_directory`):
+    after a crash the directory holds the previous save complete, never a new config beside old weights."""
     names = list(model.configs) if adapter_names is None else adapter_names
     first = next(iter(model.configs))
     for name in names:
         if name not in model.configs:
             raise ConfigError(f"cannot save unknown adapter {name!r}; known: {list(model.configs)}")
-        target = directory if name == first else directory / name
-        state, seen = {}, set()
-        for key, tensor in adapter_state_dict(model, name).items():
-            tensor = tensor.detach().contiguous().cpu()
-            # safetensors refuses tensors sharing storage (a shared tensor listed under several keys): clone repeats.
-            pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-            state[key] = tensor.clone() if pointer in seen else tensor
-            seen.add(pointer)
-        config_dict = model.configs[name].to_dict()
-        config_dict["inference_mode"] = True
-        atomic_write(target / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        atomic_write_text(target / CONFIG_NAME, json.dumps(config_dict, indent=2))
+    with atomic_directory(directory) as stage:
+        for name in names:
+            target = Path(stage) if name == first else Path(stage) / name
+            state, seen = {}, set()
+            for key, tensor in adapter_state_dict(model, name).items():
+                tensor = tensor.detach().contiguous().cpu()
+                # safetensors refuses tensors sharing storage (a shared tensor listed under several keys): clone repeats.
+                pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+                state[key] = tensor.clone() if pointer in seen else tensor
+                seen.add(pointer)
+            config_dict = model.configs[name].to_dict()
+            config_dict["inference_mode"] = True
+            atomic_write(target / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+            atomic_write_text(target / CONFIG_NAME, json.dumps(config_dict, indent=2))
+
+
+def recover_directory(directory) -> None:
+    """A directory swap killed between its two renames leaves the last complete save as `.<name>.old-*`: rename it back."""
+    directory = Path(directory).absolute()
+    if not directory.exists() and directory.parent.is_dir():
+        remove_stale_temps(directory.parent, directory.name)
 
 
 def read_config(directory, strict: bool = True) -> AdapterConfig:
+    recover_directory(directory)
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {Path(directory)}: not an adapter directory (save one with model.save_adapter)")
