@@ -257,7 +257,7 @@ class AdapterConfig(metaclass=_ConfigMeta):
             )
         if unknown:
             message = (
-                f"{target.__name__}: unknown config key(s) {sorted(unknown)} (written by a newer version?). "
+                f"{target.__name__}: unknown config key(s) {_short(sorted(unknown))} (written by a newer version?). "
                 "Upgrade rankwise, or load with strict=False to drop them."
             )
             if strict:

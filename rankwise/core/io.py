@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rankwise.core.config import AdapterConfig
-from rankwise.core.errors import CheckpointError, ConfigError
+from rankwise.core.errors import CheckpointError, ConfigError, short_repr
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -258,27 +259,63 @@ def recover_directory(directory) -> None:
         remove_stale_temps(directory.parent, directory.name)
 
 
-def read_config(directory, strict: bool = True) -> AdapterConfig:
+def read_config_dict(directory) -> dict:
+    """The raw `adapter_config.json` object; every way it can fail to parse is a `CheckpointError`."""
     recover_directory(directory)
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {Path(directory)}: not an adapter directory (save one with model.save_adapter)")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is corrupted or truncated") from None
-    return AdapterConfig.from_dict(data, strict=strict)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be an adapter config; the file is damaged") from None
+    except (ValueError, UnicodeDecodeError, OSError, MemoryError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not valid JSON ({short_repr(str(err))}); the file is corrupted or truncated") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (the adapter config), not {type(data).__name__}")
+    return data
+
+
+def read_config(directory, strict: bool = True) -> AdapterConfig:
+    return AdapterConfig.from_dict(read_config_dict(directory), strict=strict)
 
 
 def read_weights(directory) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a damaged file is a `CheckpointError`."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         hint = " (PEFT .bin pickles are not read: re-save with safe_serialization=True)" if (Path(directory) / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"no {WEIGHTS_NAME} in {Path(directory)}{hint}")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} cannot be read as safetensors ({err}); the file is truncated or corrupted") from None
+    return weights
+
+
+def _disagreement(config: AdapterConfig, raw: dict | None, file_shape: tuple, model_shape: tuple) -> str:
+    """Why the config and the weights disagree on a shape, naming the config field where it can."""
+    fields = [f.name for f in dataclasses.fields(config)]
+    absent = [f for f in fields if raw is not None and f not in raw and f not in ("target_modules", "exclude_modules",
+                                                                              "modules_to_save", "task_type")]
+    suspects = []
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, int) and not isinstance(value, bool) and value in model_shape and value not in file_shape:
+            suspects.append(field)
+    if config.rank_field in suspects:
+        suspects.remove(config.rank_field)
+        suspects.insert(0, config.rank_field)
+    parts = []
+    for field in suspects[:2]:
+        note = f" ({CONFIG_NAME} does not set it: the default was used)" if field in absent else ""
+        parts.append(f"{field}={getattr(config, field)}{note}")
+    if parts:
+        return (f"the config and the weights disagree: the config's {' and '.join(parts)} does not fit the saved tensors. "
+                f"Fix {CONFIG_NAME} (or re-save the adapter)")
+    if absent:
+        return f"the config and the weights disagree ({CONFIG_NAME} does not set {absent[:4]}, defaults were used) or it was saved from a different model"
+    return "adapter saved from a different model?"
 
 
 def _prepare_adapters(model, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
@@ -292,7 +329,8 @@ def _prepare_adapters(model, adapter_name: str, weights: dict[str, torch.Tensor]
         adapter.prepare_load({key: weights[file_key] for key, file_key in keys.items() if file_key in weights}, layer)
 
 
-def _check_and_load(model, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+def _check_and_load(model, adapter_name: str, weights: dict[str, torch.Tensor], raw_config: dict | None = None) -> None:
+    config = model.configs[adapter_name]
     _prepare_adapters(model, adapter_name, weights)
     expected = adapter_state_dict(model, adapter_name)
     missing = sorted(set(expected) - set(weights))
@@ -306,10 +344,26 @@ def _check_and_load(model, adapter_name: str, weights: dict[str, torch.Tensor]) 
         raise CheckpointError(f"adapter file does not fit this model: {'; '.join(parts)}. Was it saved from another model or config?")
     for key, tensor in expected.items():
         if tuple(weights[key].shape) != tuple(tensor.shape):
+            file_shape, model_shape = tuple(weights[key].shape), tuple(tensor.shape)
             raise CheckpointError(
-                f"shape mismatch for {key}: file has {tuple(weights[key].shape)}, model expects {tuple(tensor.shape)} "
-                "(adapter saved from a different model?)"
+                f"shape mismatch for {key}: file has {file_shape}, model expects {model_shape}: "
+                f"{_disagreement(config, raw_config, file_shape, model_shape)}"
             )
+    # A float tensor of the model stored as integers or bools (or the reverse) is no file rankwise or PEFT wrote:
+    # refused, never cast by `copy_`.
+    odd = sorted(f"{key} ({weights[key].dtype}, expected {tensor.dtype})" for key, tensor in expected.items()
+                 if weights[key].is_floating_point() != tensor.is_floating_point() or
+                 (not tensor.is_floating_point() and weights[key].dtype != tensor.dtype))
+    if odd:
+        raise CheckpointError(f"adapter file holds tensors of the wrong kind {odd[:5]}{' ...' if len(odd) > 5 else ''}: "
+                              "not cast; the file is damaged or of another kind")
+    bad = sorted(key for key, t in expected.items() if weights[key].is_floating_point() and not torch.isfinite(weights[key]).all())
+    if bad:
+        raise CheckpointError(
+            f"adapter tensors {bad[:5]}{' ...' if len(bad) > 5 else ''} ({len(bad)}) hold inf or NaN: the training that "
+            "wrote them diverged. Loading them would give non-finite outputs; re-train (lower the learning rate) or "
+            "load an earlier checkpoint"
+        )
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(weights[key])
@@ -317,11 +371,12 @@ def _check_and_load(model, adapter_name: str, weights: dict[str, torch.Tensor]) 
 
 def load_adapter_into(model, directory, adapter_name: str = "default", strict: bool = True) -> None:
     """Add the adapter saved in `directory` to an `AdaptedModel`; on any error the model is unchanged."""
-    config = read_config(directory, strict=strict)
+    raw = read_config_dict(directory)
+    config = AdapterConfig.from_dict(raw, strict=strict)
     weights = read_weights(directory)
     model.add_adapter(adapter_name, config)
     try:
-        _check_and_load(model, adapter_name, weights)
+        _check_and_load(model, adapter_name, weights, raw)
     except Exception:
         model.delete_adapter(adapter_name)
         raise
@@ -334,11 +389,12 @@ def load_adapter(base_model, directory, adapter_name: str = "default", strict: b
     """
     from rankwise.core.model import AdaptedModel
 
-    config = read_config(directory, strict=strict)
+    raw = read_config_dict(directory)
+    config = AdapterConfig.from_dict(raw, strict=strict)
     weights = read_weights(directory)
     model = AdaptedModel(base_model, config, adapter_name)
     try:
-        _check_and_load(model, adapter_name, weights)
+        _check_and_load(model, adapter_name, weights, raw)
     except Exception:
         model.unload()
         raise

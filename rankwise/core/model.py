@@ -254,8 +254,13 @@ class AdaptedModel(nn.Module):
 
     # ---- merge --------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the adapters into the base weights, all or nothing: every layer is checked first (`check_merge`),
+        and a non-finite result in any layer raises `MergeError` before any weight changes, in every mode."""
         names = self._active if adapter_names is None else adapter_names
-        for _, layer in self.adapted_layers():
+        layers = [layer for _, layer in self.adapted_layers()]
+        for layer in layers:
+            layer.check_merge(names, safe_merge=safe_merge)
+        for layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
