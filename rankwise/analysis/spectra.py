@@ -261,3 +261,9 @@ def analyze_updates(
     temporary.write_text(json.dumps(report, indent=2))
     temporary.replace(out_dir / "report.json")
     return report
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "spectra", "paper": "2106.09685", "runs": "rankwise analyze ADAPTER_DIR; rankwise.analysis.spectra",
+     "summary": "singular spectra, effective rank, subspace similarity of updates"},
+)
