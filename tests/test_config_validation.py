@@ -120,3 +120,23 @@ def test_cli_option_errors_are_clear(tiny_run, tmp_path, option, expected):
     text = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
     assert expected in text and "Traceback" not in text
+
+
+def _compress_cases():
+    from rankwise.compress import available_methods, get_method
+
+    cases = []
+    for name in available_methods():
+        cls = get_method(name)[0]
+        for field in dataclasses.fields(cls):
+            types = _annotation_types(field.type)
+            if types & {"int", "float"}:
+                values = [float("inf"), float("nan")] + ([True] if "bool" not in types else [])
+                cases += [pytest.param(cls, field.name, v, id=f"{name}.{field.name}={v!r}") for v in values]
+    return cases
+
+
+@pytest.mark.parametrize("cls,field,value", _compress_cases())
+def test_compressor_configs_share_the_numeric_checks(cls, field, value):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        cls(**{field: value})

@@ -57,13 +57,14 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def check_numeric_fields(config: Any, max_size: int = MAX_SIZE) -> None:
+def check_numeric_fields(config: Any, max_size: int | None = MAX_SIZE) -> None:
     """The checks every config shares, run before its own `validate()` (so before any memory is touched):
 
     - no non-finite float anywhere (inf/nan in a field, a list or a pattern dict);
     - no bool where the field's annotation says a number (`r=True` is 1 in Python, not a rank);
     - no integer size (a field annotated `int` whose name is not a seed/step/period) above `max_size`.
-    Raises `ConfigError` naming the field.
+    Raises `ConfigError` naming the field. Works on any dataclass (`max_size=None` skips the size rule, for
+    configs whose integers are token budgets rather than tensor sizes).
     """
     name = type(config).__name__
     for field in dataclasses.fields(config):
@@ -74,7 +75,7 @@ def check_numeric_fields(config: Any, max_size: int = MAX_SIZE) -> None:
         numeric = types & {"int", "float"}
         if isinstance(value, bool) and numeric and "bool" not in types:
             raise ConfigError(f"{name}.{field.name}={value!r} is invalid: expected a number, not a boolean.")
-        if (isinstance(value, int) and not isinstance(value, bool) and "int" in types and "bool" not in types
+        if (max_size is not None and isinstance(value, int) and not isinstance(value, bool) and "int" in types and "bool" not in types
                 and not _NOT_SIZE.search(field.name) and value > max_size):
             raise ConfigError(
                 f"{name}.{field.name}={value} is invalid: expected at most {max_size:,} "
@@ -136,6 +137,7 @@ class AdapterConfig(metaclass=_ConfigMeta):
         None uses the default for known transformers architectures.
     exclude_modules: same forms; matching modules are never adapted.
     modules_to_save: modules (e.g. a fresh classifier head) trained in full and saved with the adapter.
+    task_type: PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ...): metadata saved in the file, as in PEFT.
     """
 
     target_modules: list[str] | str | None = None
