@@ -397,3 +397,12 @@ def test_merge_is_all_or_nothing_and_refuses_non_finite_by_default(safe_merge, h
     model.unmerge_adapter()
     for name, layer in layers.items():
         torch.testing.assert_close(layer.base_layer.weight, before[name])
+
+
+def test_save_through_a_symlinked_directory_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    _lora(alpha=8).save_adapter(real)
+    (tmp_path / "link").symlink_to(real)
+    _lora(alpha=16).save_adapter(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and rio.read_config(real).lora_alpha == 16
+    assert _leftovers(tmp_path) == []

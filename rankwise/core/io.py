@@ -175,6 +175,8 @@ def atomic_directory(target, keep_other_entries: bool = True):
     A directory that is the working directory (or holds it) cannot be swapped: it is written file by file.
     """
     target = Path(target).absolute()
+    if target.is_symlink():  # swap the directory the link points at, and keep the link
+        target = target.resolve()
     cwd = Path.cwd()
     if target == cwd or target in cwd.parents:
         target.mkdir(parents=True, exist_ok=True)

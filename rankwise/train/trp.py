@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankwise.core.errors import CheckpointError, ConfigError, TargetError
-from rankwise.core.io import atomic_write, atomic_write_text
+from rankwise.core.io import atomic_directory, atomic_write, atomic_write_text
 from rankwise.linalg import energy_rank, truncated_svd
 
 RANKS_FILE = "low_rank.json"
@@ -152,8 +152,9 @@ def save_low_rank(model: nn.Module, ranks: dict[str, int], directory: str | Path
     """Write a decomposed model: `model.safetensors` (all tensors) + `low_rank.json` (`{module: rank}`)."""
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_text(directory / RANKS_FILE, json.dumps({"method": "trp", "paper": "2004.14566", "ranks": ranks}, indent=2))
+    with atomic_directory(directory) as stage:  # weights and ranks swap in together
+        atomic_write(stage / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write_text(stage / RANKS_FILE, json.dumps({"method": "trp", "paper": "2004.14566", "ranks": ranks}, indent=2))
 
 
 def load_low_rank(base: nn.Module, directory: str | Path) -> nn.Module:
