@@ -104,7 +104,8 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(tmp)
+        if not any(_STAGED_DIR.match(p.name) for p in path.parents):  # a staged directory syncs its files itself
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
