@@ -406,3 +406,14 @@ def test_save_through_a_symlinked_directory_keeps_the_link(tmp_path):
     _lora(alpha=16).save_adapter(tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and rio.read_config(real).lora_alpha == 16
     assert _leftovers(tmp_path) == []
+
+
+def test_analyze_on_a_damaged_config_is_a_clear_cli_error(saved):
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    directory, x, _ = saved
+    (directory / rio.CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    result = CliRunner().invoke(app, ["analyze", str(directory)])
+    assert result.exit_code == 2 and "nested too deeply" in " ".join(result.output.split()), result.output
