@@ -133,7 +133,8 @@ def compose(content_dir, style_dir, output_dir) -> dict:
     Both must come from the same model, targets, rank, seed and basis (identical frozen blocks); anything else
     raises `CheckpointError` naming the key, and nothing is written. Returns a small report.
     """
-    from rankwise.core.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, read_config, read_weights
+    from rankwise.core.io import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, atomic_write, atomic_write_text, read_config,
+                                  read_weights)
     from safetensors.torch import save_file
 
     configs = {role: read_config(d) for role, d in (("content", content_dir), ("style", style_dir))}
@@ -160,7 +161,8 @@ def compose(content_dir, style_dir, output_dir) -> dict:
     output_dir = Path(output_dir)
     config = dataclasses.replace(style_cfg, role="joint").to_dict()
     config["inference_mode"] = True
-    atomic_write(output_dir / WEIGHTS_NAME, lambda tmp: save_file(fused, tmp, metadata={"format": "pt"}))
-    atomic_write_text(output_dir / CONFIG_NAME, json.dumps(config, indent=2))
+    with atomic_directory(output_dir) as stage:  # config and weights swap in together
+        atomic_write(stage / WEIGHTS_NAME, lambda tmp: save_file(fused, tmp, metadata={"format": "pt"}))
+        atomic_write_text(stage / CONFIG_NAME, json.dumps(config, indent=2))
     layers = sum(key.endswith(".A_train") for key in fused)
     return {"layers": layers, "output": str(output_dir), "rank": style_cfg.r}

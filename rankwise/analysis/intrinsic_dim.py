@@ -161,3 +161,9 @@ def intrinsic_dimension_sweep(
         "projection": projection, "D": sum(p.numel() for p in fc_network().parameters()), "baseline": baseline,
         "threshold": threshold * baseline, "accuracy": accuracy, "d_int90": d_int90, "seeds": list(seeds), "steps": steps,
     }
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "intrinsic-dim", "paper": "1804.08838", "runs": "rankwise intrinsic-dim; rankwise.analysis.intrinsic_dim.intrinsic_dimension_sweep",
+     "summary": "intrinsic dimension: train in a random d-dimensional subspace"},
+)

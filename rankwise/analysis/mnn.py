@@ -169,3 +169,9 @@ def load_base_model(name: str):
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     return model, tokenizer
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "mnn", "paper": "2410.10672", "runs": "rankwise eval mnn MODEL --data FILE; rankwise.analysis.mnn.matrix_nuclear_norm",
+     "summary": "Matrix Nuclear-Norm score of hidden states"},
+)

@@ -105,13 +105,12 @@ def read_lora_updates(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, 
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: ADAPTER_DIR must hold adapter_config.json and adapter_model.safetensors.")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path} is not valid JSON ({error}).") from error
+    from rankwise.core.io import read_config_dict
+
+    config = read_config_dict(adapter_dir)  # every parse failure (bad JSON, not UTF-8, too deep) is a CheckpointError
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as error:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{weights_path} cannot be read as safetensors ({error}): the file is truncated or corrupted.") from error
     updates = {}
     for key, A in tensors.items():
@@ -261,3 +260,9 @@ def analyze_updates(
     temporary.write_text(json.dumps(report, indent=2))
     temporary.replace(out_dir / "report.json")
     return report
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "spectra", "paper": "2106.09685", "runs": "rankwise analyze ADAPTER_DIR; rankwise.analysis.spectra",
+     "summary": "singular spectra, effective rank, subspace similarity of updates"},
+)

@@ -38,6 +38,9 @@ class CompressConfig:
     exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from rankwise.core.config import check_numeric_fields
+
+        check_numeric_fields(self, max_size=None)  # inf/nan and bools-for-numbers, shared with the adapter configs
         name = type(self).__name__
         check_field(isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1, name, "ratio", self.ratio,
                     "a fraction of parameters to keep in (0, 1], e.g. 0.5")

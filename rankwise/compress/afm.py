@@ -164,3 +164,9 @@ def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Modul
             remove()
         _replace(model, block_names, stats, config, builder.report)
     return model, builder.finish()
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "afm", "paper": "2405.18146", "runs": "rankwise compress --method afm; rankwise.compress.compress(model, 'afm', calibration)",
+     "summary": "atomic feature mimicking: low-rank by output-feature covariance"},
+)

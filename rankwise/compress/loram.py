@@ -226,3 +226,9 @@ def compress(model: nn.Module, config: LoramConfig, calibration) -> tuple[nn.Mod
                         "of the pruned model the adapter was trained on")
     report.seconds = time.perf_counter() - start
     return merged, report
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "loram", "paper": "2502.13533", "runs": "rankwise compress --method loram; rankwise.compress.compress(model, 'loram', calibration)",
+     "summary": "train a pruned model small, infer large"},
+)

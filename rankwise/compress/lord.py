@@ -89,3 +89,9 @@ def compress(model: nn.Module, config: LordConfig, calibration=None) -> tuple[nn
         set_module(model, name, factorise(name, linear, rank))
         builder.report.layers[name] = {"rank": rank, "shape": list(shapes[name])}
     return model, builder.finish()
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "lord", "paper": "2309.14021", "runs": "rankwise compress --method lord; rankwise.compress.compress(model, 'lord')",
+     "summary": "one-shot low-rank decomposition of LLM linears"},
+)

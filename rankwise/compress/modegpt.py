@@ -401,3 +401,8 @@ def compress(model: nn.Module, config: ModeGPTConfig, calibration) -> tuple[nn.M
         builder.report.layers[f"{prefix}.{index}"] = {"sparsity": float(phis[index])}
     return model, builder.finish()
 
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "modegpt", "paper": "2408.09632", "runs": "rankwise compress --method modegpt; rankwise.compress.compress(model, 'modegpt', calibration)",
+     "summary": "modular decomposition of transformer blocks"},
+)

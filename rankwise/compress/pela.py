@@ -166,3 +166,9 @@ def compress(model: nn.Module, config: PelaConfig, calibration) -> tuple[nn.Modu
     report.seconds = time.perf_counter() - start
     del teacher
     return model, report
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "pela", "paper": "2310.10700", "runs": "rankwise compress --method pela; rankwise.compress.compress(model, 'pela', calibration)",
+     "summary": "low-rank approximation + feature distillation"},
+)

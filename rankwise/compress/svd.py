@@ -27,3 +27,9 @@ def compress(model: nn.Module, config: SVDConfig, calibration=None) -> tuple[nn.
         return low_rank_from_weight(linear, up, down)
 
     return replace_linear_layers(model, config, "svd", factorise)
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "svd", "paper": "", "runs": "rankwise compress --method svd; rankwise.compress.compress(model, 'svd')",
+     "summary": "plain truncated SVD at a parameter ratio (data-free baseline)"},
+)

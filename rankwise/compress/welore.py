@@ -174,3 +174,9 @@ def fine_tune(model: nn.Module, loss_at_step: Callable[[nn.Module, int], torch.T
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "welore", "paper": "2407.11239", "runs": "rankwise welore; rankwise.compress.welore.welore_compress",
+     "summary": "data-free non-uniform compression of layers that became low-rank"},
+)

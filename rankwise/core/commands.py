@@ -110,15 +110,30 @@ def _alpha_dropout_options(method: str, lora_alpha: float | None, lora_dropout: 
 
 def register(app: typer.Typer) -> None:
     @app.command("methods")
-    def methods() -> None:
-        """List the registered adapter methods."""
-        import rankwise
+    def methods(
+        family: Optional[str] = typer.Option(None, "--family", help="Only this family: adapter, procedure, optimizer, "
+                                             "pretraining, compressor, federated, solver, analysis, layer."),
+        as_json: bool = typer.Option(False, "--json", help="Print the catalog as JSON (a list of objects) for scripts."),
+    ) -> None:
+        """List every method rankwise implements: family, paper (arXiv) and the command or API that runs it."""
+        from rankwise.core.catalog import catalog, resolve_family
+        from rankwise.core.console import print_error
+        from rankwise.core.errors import RankwiseError
 
-        table = Table(title="rankwise adapter methods")
-        for col in ("method", "config class", "family", "paper (arXiv)", "PEFT-compatible files"):
-            table.add_column(col)
-        for info in rankwise.list_methods():
-            table.add_row(info.name, info.config_cls.__name__, info.family, info.paper, "yes" if info.peft_type else "no")
+        try:
+            wanted = resolve_family(family) if family is not None else None
+        except RankwiseError as err:
+            print_error(err, console)
+            raise typer.Exit(2) from None
+        entries = [e for e in catalog() if wanted is None or e.family == wanted]
+        if as_json:
+            typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+            return
+        table = Table(title=f"rankwise methods{f' ({wanted})' if wanted else ''}: {len(entries)}")
+        for col in ("family", "method", "paper (arXiv)", "runs with", "what"):
+            table.add_column(col, overflow="fold")
+        for e in entries:
+            table.add_row(e.family, e.name, e.paper or "-", e.runs, e.summary)
         console.print(table)
 
     @app.command("finetune")

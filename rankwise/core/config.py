@@ -11,12 +11,15 @@ Methods PEFT lacks are written with `peft_type = "RANKWISE_<NAME>"` so PEFT refu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import re
 import warnings
 from typing import Any, ClassVar
 
 from rankwise.core.errors import ConfigError, check_field
+from rankwise.core.errors import short_repr as _short
 
 # Keys every PEFT config carries that say nothing about the adapter's maths.
 PEFT_BOOKKEEPING_KEYS = frozenset(
@@ -25,6 +28,90 @@ PEFT_BOOKKEEPING_KEYS = frozenset(
 RANKWISE_KEYS = frozenset({"rankwise_method", "rankwise_version"})
 # PEFT options most tuners share whose "off" values rankwise supports (bias training, layer-index targeting).
 PEFT_COMMON_NEUTRAL = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
+# PEFT options a user may pass to any config in Python: accepted at their "off" value, refused otherwise
+# (each with the reason and what to do instead), never silently dropped.
+PEFT_UNIMPLEMENTED = {
+    "bias": ("none", "training biases is not implemented; list the module in modules_to_save to train it whole"),
+    "layers_to_transform": (None, "select layers with a target_modules regex instead, e.g. r'.*\\.layers\\.(0|1)\\.(q_proj|v_proj)'"),
+    "layers_pattern": (None, "select layers with a target_modules regex instead"),
+    "use_dora": (False, "DoRA is not implemented in rankwise"),
+}
+# Largest value a size field (rank, count of bases, dimension) may take: anything above cannot be allocated
+# for any real layer, and refusing it here keeps the error ahead of the allocator (and of the memory).
+MAX_SIZE = 1 << 20
+# Integer fields that are not sizes (seeds, PRNG keys, step counts): only the bool and finiteness rules apply.
+_NOT_SIZE = re.compile(r"(seed|prng|key|step|warmup|period|interval|every)")
+
+
+def _annotation_types(annotation: Any) -> set[str]:
+    return set(re.findall(r"[A-Za-z_]+", annotation if isinstance(annotation, str) else repr(annotation)))
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def check_numeric_fields(config: Any, max_size: int | None = MAX_SIZE) -> None:
+    """The checks every config shares, run before its own `validate()` (so before any memory is touched):
+
+    - no non-finite float anywhere (inf/nan in a field, a list or a pattern dict);
+    - no bool where the field's annotation says a number (`r=True` is 1 in Python, not a rank);
+    - no integer size (a field annotated `int` whose name is not a seed/step/period) above `max_size`.
+    Raises `ConfigError` naming the field. Works on any dataclass (`max_size=None` skips the size rule, for
+    configs whose integers are token budgets rather than tensor sizes).
+    """
+    name = type(config).__name__
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        types = _annotation_types(field.type)
+        if _non_finite(value):
+            raise ConfigError(f"{name}.{field.name}={_short(value)} is invalid: expected a finite number (no inf or nan).")
+        numeric = types & {"int", "float"}
+        if isinstance(value, bool) and numeric and "bool" not in types:
+            raise ConfigError(f"{name}.{field.name}={value!r} is invalid: expected a number, not a boolean.")
+        if (max_size is not None and isinstance(value, int) and not isinstance(value, bool) and "int" in types and "bool" not in types
+                and not _NOT_SIZE.search(field.name) and value > max_size):
+            raise ConfigError(
+                f"{name}.{field.name}={value} is invalid: expected at most {max_size:,} "
+                "(a size this large cannot be allocated for any layer)."
+            )
+
+
+class _ConfigMeta(type):
+    """Turns a constructor call with an unknown or unimplemented keyword into a `ConfigError` naming it.
+
+    The dataclass `__init__` would raise a bare `TypeError`; PEFT users pass PEFT's options (`bias`,
+    `use_dora`, ...) out of habit, so each gets an answer: accepted at its neutral value, else refused with why.
+    """
+
+    def __call__(cls, *args, **kwargs):
+        if dataclasses.is_dataclass(cls):
+            known = {f.name for f in dataclasses.fields(cls) if f.init}
+            for key in [k for k in kwargs if k not in known]:
+                value = kwargs.pop(key)
+                neutral_fields = {**{k: v for k, (v, _) in PEFT_UNIMPLEMENTED.items()}, **cls.peft_neutral_fields}
+                if key in neutral_fields:
+                    if not _is_neutral(value, neutral_fields[key]):
+                        reason = PEFT_UNIMPLEMENTED.get(key, (None, "rankwise does not implement this PEFT option"))[1]
+                        raise ConfigError(
+                            f"{cls.__name__}: PEFT option {key}={_short(value)} is not supported ({reason}); "
+                            f"leave it at {neutral_fields[key]!r}."
+                        )
+                elif key in PEFT_BOOKKEEPING_KEYS or key in RANKWISE_KEYS:
+                    continue  # file bookkeeping (inference_mode, peft_type, ...): says nothing about the maths
+                else:
+                    close = difflib.get_close_matches(key, sorted(known | set(neutral_fields)), n=3)
+                    hint = f" Did you mean {', '.join(close)}?" if close else ""
+                    raise ConfigError(
+                        f"{cls.__name__} has no field {key!r}.{hint} Its fields: {', '.join(sorted(known))}."
+                    )
+        return super().__call__(*args, **kwargs)
 
 
 def matches_module(name: str, pattern: list[str] | str) -> bool:
@@ -43,18 +130,22 @@ def resolve_pattern(pattern: dict[str, Any], module_name: str, default: Any) -> 
 
 
 @dataclasses.dataclass
-class AdapterConfig:
+class AdapterConfig(metaclass=_ConfigMeta):
     """Fields shared by every adapter method.
 
     target_modules: module names (exact or `.`-suffix), one regex string (full match), or "all-linear".
         None uses the default for known transformers architectures.
     exclude_modules: same forms; matching modules are never adapted.
     modules_to_save: modules (e.g. a fresh classifier head) trained in full and saved with the adapter.
+    task_type: PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ...): metadata saved in the file, as in PEFT.
     """
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    # PEFT's meaning: metadata naming the model head (e.g. "CAUSAL_LM", "SEQ_CLS"), saved in the file; the
+    # adapter's maths does not depend on it.
+    task_type: str | None = None
 
     # Set by @register.
     method_name: ClassVar[str] = ""
@@ -75,6 +166,7 @@ class AdapterConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        check_numeric_fields(self)
         self.validate()
 
     # ---- validation ---------------------------------------------------------------------------
@@ -91,11 +183,13 @@ class AdapterConfig:
                 try:
                     re.compile(value)
                 except re.error as err:
-                    raise ConfigError(f"{name}.{field}={value!r} is not a valid regular expression: {err}") from None
+                    raise ConfigError(f"{name}.{field}={_short(value)} is not a valid regular expression: {err}") from None
         ok = self.modules_to_save is None or (
             isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
         )
         check_field(ok, name, "modules_to_save", self.modules_to_save, "None or a list of module names")
+        check_field(self.task_type is None or isinstance(self.task_type, str), name, "task_type", self.task_type,
+                    "None or a PEFT task type string such as 'CAUSAL_LM' or 'SEQ_CLS'")
 
     def _check(self, condition: bool, field: str, allowed: str) -> None:
         check_field(condition, type(self).__name__, field, getattr(self, field), allowed)
@@ -124,7 +218,7 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if self.peft_type:
-            return {"peft_type": self.peft_type, "task_type": None, **self.peft_neutral_fields, **fields}
+            return {"peft_type": self.peft_type, **self.peft_neutral_fields, **fields}
         from rankwise import __version__
 
         return {
@@ -155,7 +249,7 @@ class AdapterConfig:
                 continue
             elif key in target.peft_neutral_fields:
                 if not _is_neutral(value, target.peft_neutral_fields[key]):
-                    unsupported.append(f"{key}={value!r}")
+                    unsupported.append(f"{key}={_short(value)}")
             else:
                 unknown.append(key)
         if unsupported:
@@ -165,7 +259,7 @@ class AdapterConfig:
             )
         if unknown:
             message = (
-                f"{target.__name__}: unknown config key(s) {sorted(unknown)} (written by a newer version?). "
+                f"{target.__name__}: unknown config key(s) {_short(sorted(unknown))} (written by a newer version?). "
                 "Upgrade rankwise, or load with strict=False to drop them."
             )
             if strict:

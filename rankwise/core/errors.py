@@ -29,10 +29,16 @@ class AdapterStateError(RankwiseError, RuntimeError):
     """The requested operation is not valid in the adapter's current state (merged, unknown name, ...)."""
 
 
+def short_repr(value, limit: int = 200) -> str:
+    """`repr` cut to `limit` characters: messages that echo user data stay readable (a 5 MB string is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def check_field(condition: bool, config_name: str, field: str, value, allowed: str) -> None:
     """Raise `ConfigError` naming the field, its bad value and what is allowed, unless `condition` holds."""
     if not condition:
-        raise ConfigError(f"{config_name}.{field}={value!r} is invalid: expected {allowed}.")
+        raise ConfigError(f"{config_name}.{field}={short_repr(value)} is invalid: expected {allowed}.")
 
 
 class MergeError(RankwiseError, ValueError):

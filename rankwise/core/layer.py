@@ -160,13 +160,33 @@ class AdaptedLayer(nn.Module):
             with torch.no_grad():
                 canonical = self.weight_matrix().float()
                 merged = self.to_native(self.adapters[name].merged_weight(canonical))
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise MergeError(
-                        f"merging adapter {name!r} into {self.adapters[name].module_name} gives non-finite weights; "
-                        "the base weight was left unchanged"
-                    )
+                # Refused in every mode: NaN/inf written into the base could never be unmerged. Safe merge also
+                # checks after the cast to the base dtype (an fp16 base can overflow where fp32 does not).
+                self._refuse_non_finite(name, merged.to(weight.dtype) if safe_merge else merged)
                 weight.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
+
+    def _refuse_non_finite(self, name: str, merged: torch.Tensor) -> None:
+        if not torch.isfinite(merged).all():
+            raise MergeError(
+                f"merging adapter {name!r} into {self.adapters[name].module_name} gives non-finite weights (the adapter "
+                "holds inf/NaN, or the sum overflows the base dtype); no base weight was changed. Re-train the adapter "
+                "(lower the learning rate) or load an earlier checkpoint"
+            )
+
+    def check_merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Raise `MergeError` if `merge` would write non-finite weights; changes nothing.
+
+        The model runs this on every layer before merging any, so a merge is all or nothing.
+        """
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for name in names:
+                if name not in self.adapters or name in self.merged_adapters:
+                    continue
+                merged = self.adapters[name].merged_weight(self.weight_matrix().float())
+                self._refuse_non_finite(name, merged.to(weight.dtype) if safe_merge else merged)
 
     def unmerge(self) -> None:
         weight = self.base_layer.weight

@@ -305,22 +305,26 @@ class AdaptedModel(nn.Module):
 
     # ---- merge --------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weights in place.
+        """Fold adapters into the base weights in place, all or nothing.
 
-        A weight tied to another module (a LLaMA's `embed_tokens` and its `lm_head` share one tensor) is untied
-        first: the adapter on the embedding changes only the input side in the forward pass, so merging it into
-        the shared tensor would silently change the head too. The other module keeps the unmerged weight in a
-        private copy (and `config.tie_word_embeddings` is set to False, so a saved merged model reloads with both);
-        `unmerge_adapter` ties them again.
+        Every layer is checked first (`check_merge`): a non-finite result in any layer raises `MergeError`
+        before any weight changes, in every mode. A weight tied to another module (a LLaMA's `embed_tokens` and
+        its `lm_head` share one tensor) is untied first: the adapter on the embedding changes only the input side
+        in the forward pass, so merging it into the shared tensor would silently change the head too. The other
+        module keeps the unmerged weight in a private copy (and `config.tie_word_embeddings` is set to False, so
+        a saved merged model reloads with both); `unmerge_adapter` ties them again.
         """
         names = self._active if adapter_names is None else adapter_names
+        layers = [layer for _, layer in self.adapted_layers()]
+        for layer in layers:
+            layer.check_merge(names, safe_merge=safe_merge)
         self._untie_shared_weights(names)
         try:
-            for _, layer in self.adapted_layers():
+            for layer in layers:
                 layer.merge(names, safe_merge=safe_merge)
         except Exception:
-            if not any(layer.merged_adapters for _, layer in self.adapted_layers()):
-                self._retie_shared_weights()  # nothing merged (a safe merge refused): leave the model as it was
+            if not any(layer.merged_adapters for layer in layers):
+                self._retie_shared_weights()  # nothing merged: leave the model as it was
             raise
 
     def unmerge_adapter(self) -> None:

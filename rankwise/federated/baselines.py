@@ -79,3 +79,13 @@ def strategy_class(name: str) -> type[LoraStrategy]:
     if name not in table:
         raise ConfigError(f"unknown federated strategy {name!r}: choose one of {sorted(table)}")
     return table[name]
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "fedit", "paper": "2305.05644", "runs": "rankwise federate --strategy fedit",
+     "summary": "average A and B separately"},
+    {"name": "ffa-lora", "paper": "2403.12313", "runs": "rankwise federate --strategy ffa-lora",
+     "summary": "A frozen and shared, only B trained and averaged"},
+    {"name": "stacking", "paper": "2409.05976", "runs": "rankwise federate --strategy stacking",
+     "summary": "FLoRA: stack the clients' ranks, fold the exact product into W"},
+)

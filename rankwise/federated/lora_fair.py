@@ -53,3 +53,9 @@ class LoraFairStrategy(LoraStrategy):
     def extra_log(self) -> dict[str, float]:
         errors = getattr(self, "_fedit_errors", [])
         return {"fedit_product_error": sum(errors) / len(errors)} if errors else {}
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "lora-fair", "paper": "2411.14961", "runs": "rankwise federate --strategy lora-fair",
+     "summary": "server-side residual correction of averaged LoRA factors"},
+)

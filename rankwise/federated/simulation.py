@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rankwise.core.errors import CheckpointError, ConfigError
-from rankwise.core.io import atomic_write, atomic_write_text
+from rankwise.core.errors import CheckpointError, ConfigError, short_repr
+from rankwise.core.io import atomic_write, atomic_write_text, remove_stale_temps
 from rankwise.federated.baselines import strategy_class
 from rankwise.federated.partition import partition
 from rankwise.federated.task import HeadSpec, build_model, evaluate_features, load_features, load_model_state, model_state, train_local
@@ -171,6 +172,7 @@ def global_accuracy(run: FederatedRun, state: dict, test: tuple[torch.Tensor, to
 def save_checkpoint(directory: Path, run: FederatedRun, server_round: int, state: dict, history: list) -> None:
     """Tensors first, then the JSON that points at them: a crash in between leaves the previous checkpoint valid."""
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(directory)  # temp files of rounds a killed run was writing
     name = f"round-{server_round:04d}.safetensors"
     atomic_write(directory / name, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
     record = {"round": server_round, "tensors": name, "run": run.fingerprint(), "history": history}
@@ -180,23 +182,48 @@ def save_checkpoint(directory: Path, run: FederatedRun, server_round: int, state
             old.unlink()
 
 
+_ROUND_FILE = re.compile(r"round-\d{4,}\.safetensors")
+
+
+def _check_record(record, path: Path) -> dict:
+    """The checkpoint JSON must be what `save_checkpoint` writes. The tensor file name is confined to the
+    checkpoint's directory (a bare `round-NNNN.safetensors`), so a damaged or hostile file cannot point elsewhere."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(record).__name__}")
+    expected = {"round": int, "tensors": str, "run": dict, "history": list}
+    for key, kind in expected.items():
+        if key not in record:
+            raise CheckpointError(f"{path} lacks {key!r}; delete the directory to start over")
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise CheckpointError(f"{path}: {key}={short_repr(record[key])} has the wrong type; the file is damaged")
+    if record["round"] < 0:
+        raise CheckpointError(f"{path}: round={record['round']} is negative; the file is damaged")
+    if not _ROUND_FILE.fullmatch(record["tensors"]):
+        raise CheckpointError(f"{path}: tensors={short_repr(record['tensors'])} is not a round-NNNN.safetensors file of "
+                              "this directory; refusing to read outside the checkpoint directory")
+    return record
+
+
 def load_checkpoint(directory: Path, run: FederatedRun) -> tuple[int, dict, list]:
     """(last round, global state, history) of a checkpoint written by the same experiment, or CheckpointError."""
     path = directory / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"no federated checkpoint in {directory} ({STATE_FILE} missing): run without --resume first")
     try:
-        record = json.loads(path.read_text())
-        saved_run, tensors = record["run"], directory / record["tensors"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path} is corrupted ({err}); delete the directory to start over") from None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply: the file is damaged; delete the directory to start over") from None
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise CheckpointError(f"{path} is corrupted ({short_repr(str(err))}); delete the directory to start over") from None
+    record = _check_record(record, path)
+    saved_run, tensors = record["run"], directory / record["tensors"]
     current = json.loads(json.dumps(run.fingerprint(), default=str))
     changed = sorted(k for k in set(current) | set(saved_run) if current.get(k) != saved_run.get(k))
     if changed:
         raise CheckpointError(f"checkpoint in {directory} was written with different settings {changed}: use a new --output or the same options")
     try:
         state = load_file(str(tensors))
-    except (SafetensorError, OSError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot read {tensors}: {err}") from None
     expected = initial_state(run)
     bad = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)

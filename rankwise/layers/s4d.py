@@ -196,3 +196,9 @@ class S4DClassifier(nn.Module):
             {"params": [p for p in self.parameters() if id(p) not in ssm], "lr": lr, "weight_decay": weight_decay},
             {"params": [p for p in self.parameters() if id(p) in ssm], "lr": min(1e-3, lr), "weight_decay": 0.0},
         ]
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "s4d", "paper": "2206.11893", "runs": "rankwise s4d-demo; rankwise.layers.S4D",
+     "summary": "diagonal structured state-space layer"},
+)

@@ -121,3 +121,9 @@ class DCTAdamW(LowRankAdamW):
             p.addmm_(update, selected.T, alpha=alpha)
         else:
             p.addmm_(selected, update, alpha=alpha)
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "dct-adamw", "paper": "2505.17967", "runs": "rankwise pretrain --method dct; rankwise.optim.DCTAdamW",
+     "summary": "SVD-free low-rank AdamW with DCT bases"},
+)

@@ -284,3 +284,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: Iterable[tor
     for value in getattr(optimizer, "shared_state", {}).values():  # e.g. DCT bases shared by all layers
         visit(value)
     return total
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "galore", "paper": "2403.03507", "runs": "rankwise pretrain --method galore; rankwise.optim.GaLoreAdamW",
+     "summary": "GaLore: gradient low-rank projection (AdamW on projected gradients)"},
+)

@@ -92,3 +92,9 @@ def lost_model(model: nn.Module, rank: int = 128, sparsity: float = 0.05, gamma:
         return layer
 
     return replace_linears(model, build, targets)
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "lost", "paper": "2508.02668", "runs": "rankwise pretrain --method lost; rankwise.pretrain.lost_model",
+     "summary": "low-rank and sparse pretraining (SVD-initialised, channel-wise sparse)"},
+)

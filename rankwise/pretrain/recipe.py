@@ -187,11 +187,15 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int) -> floa
 def save_run(out_dir: Path, model: nn.Module, config: PretrainConfig, metrics: dict) -> None:
     from safetensors.torch import save_file
 
+    from rankwise.core.io import atomic_directory
+
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write_text(out_dir / "pretrain_config.json", json.dumps(dataclasses.asdict(config), indent=2))
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    plot_curves({config.method: metrics}, out_dir / "val_ppl.png")
+    # Weights, config and metrics swap in together: a crash leaves the previous run's files complete.
+    with atomic_directory(out_dir) as stage:
+        atomic_write(stage / "model.safetensors", lambda tmp: save_file(state, tmp))
+        atomic_write_text(stage / "pretrain_config.json", json.dumps(dataclasses.asdict(config), indent=2))
+        atomic_write_text(stage / "metrics.json", json.dumps(metrics, indent=2))
+        plot_curves({config.method: metrics}, stage / "val_ppl.png")
 
 
 def load_run(out_dir: str | Path) -> tuple[nn.Module, PretrainConfig]:

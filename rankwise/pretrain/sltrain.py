@@ -129,3 +129,9 @@ def sltrain_model(model: nn.Module, rank: int = 128, delta: float = 0.03, lora_a
                              delta, lora_alpha, linear.bias is not None, trainable_scaling, seed + next(counter))
 
     return replace_linears(model, build, targets)
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "sltrain", "paper": "2406.02214", "runs": "rankwise pretrain --method sltrain; rankwise.pretrain.sltrain_model",
+     "summary": "sparse plus low-rank pretraining layers"},
+)

@@ -278,3 +278,9 @@ def altmin_completion(
         solution=solution, factors=(U_hat, V), history=history, iterations=t, seconds=clock.seconds,
         info={"cg_steps": cg_steps, "observations": len(values), "solver": solver, "warm_start": warm_start},
     )
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "altmin-completion", "paper": "2302.11068", "runs": "rankwise solve complete; rankwise.solvers.altmin_completion",
+     "summary": "robust alternating minimisation for matrix completion"},
+)

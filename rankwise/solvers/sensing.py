@@ -125,3 +125,9 @@ def matrix_sensing(
         solution=M, factors=factors, history=history, iterations=t, seconds=clock.seconds,
         info={"corrected_at": corrected_at},
     )
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "matrix-sensing", "paper": "2310.01769", "runs": "rankwise solve sense; rankwise.solvers.matrix_sensing",
+     "summary": "factored gradient descent with the one-step correction"},
+)

@@ -147,3 +147,9 @@ def _power_step(light_sum: torch.Tensor, light_scale: float, heavy: list[torch.T
         y = y + H.T @ (H @ z)
     norm = torch.linalg.norm(y)
     return y / norm if norm > 0 else z
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "streaming-eig", "paper": "2412.11963", "runs": "rankwise solve eig; rankwise.solvers.streaming_top_eigenvector",
+     "summary": "top eigenvector of A^T A in one random-order pass"},
+)

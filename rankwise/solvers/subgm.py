@@ -109,3 +109,9 @@ def subgm(
         solution=U @ U.T, factors=(U,), history=history, iterations=t, seconds=clock.seconds,
         info={"scale": scale},
     )
+
+# The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
+CATALOG = (
+    {"name": "subgm", "paper": "2202.08788", "runs": "rankwise solve subgm; rankwise.solvers.subgm",
+     "summary": "sub-gradient method for robust over-parameterised sensing"},
+)

@@ -11,7 +11,6 @@ checkpoint intact. Loading checks every key and shape before anything changes.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rankwise.core.errors import CheckpointError
+from rankwise.core.io import atomic_directory
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -84,14 +84,11 @@ def save_checkpoint(output_dir: Path, state, callbacks, keep: int) -> Path:
     }
     text = dumps(meta)
     final = output_dir / f"checkpoint-{state.step}"
-    tmp = output_dir / f".checkpoint-{state.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
-    (tmp / STATE).write_text(text)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    shutil.rmtree(output_dir / f".checkpoint-{state.step}.tmp", ignore_errors=True)  # staging name of older versions
+    # One atomic step for both files: a crash leaves the previous checkpoint-<step>/ complete (or none).
+    with atomic_directory(final, keep_other_entries=False) as stage:
+        save_file(tensors, str(stage / TENSORS), metadata={"format": FORMAT})
+        (stage / STATE).write_text(text)
     for old in sorted(list_checkpoints(output_dir))[:-keep]:
         shutil.rmtree(output_dir / f"checkpoint-{old}", ignore_errors=True)
     return final

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankwise.core.errors import CheckpointError, ConfigError, TargetError
-from rankwise.core.io import atomic_write, atomic_write_text
+from rankwise.core.io import atomic_directory, atomic_write, atomic_write_text
 from rankwise.linalg import energy_rank, truncated_svd
 
 RANKS_FILE = "low_rank.json"
@@ -159,8 +159,9 @@ def save_low_rank(model: nn.Module, ranks: dict[str, int], directory: str | Path
             continue
         seen[ptr] = key
         state[key] = value.detach().contiguous().cpu()
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_text(directory / RANKS_FILE, json.dumps({"method": "trp", "paper": "2004.14566", "ranks": ranks,
+    with atomic_directory(directory) as stage:  # weights and ranks swap in together
+        atomic_write(stage / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write_text(stage / RANKS_FILE, json.dumps({"method": "trp", "paper": "2004.14566", "ranks": ranks,
                                                           "tied": tied}, indent=2))
 
 
