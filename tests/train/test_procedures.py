@@ -101,5 +101,5 @@ def test_cli_finetune_procedure_prints_rank_table_and_saves_plot(tiny_classifier
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "IncreLoRA: final ranks" in result.output and (out / "ranks.png").exists()
-    bad = CliRunner().invoke(app, args[:-8] + ["--procedure", "increlora", "-p", "target_rank=-1"])
+    bad = CliRunner().invoke(app, args[:-8] + ["--overwrite", "--procedure", "increlora", "-p", "target_rank=-1"])
     assert bad.exit_code == 2 and "target_rank=-1 is invalid" in bad.output
