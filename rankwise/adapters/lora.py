@@ -110,7 +110,7 @@ class LoraAdapter(Adapter):
         self.lora_A.copy_((root[:, None] * Vh).view_as(self.lora_A))
         self.lora_B.copy_((U * root).view_as(self.lora_B))
         residual = weight.float() - self.delta_weight(weight).view_as(weight)
-        layer.base_layer.weight.copy_(layer.to_native(residual).to(weight.dtype))
+        layer.set_weight_matrix(residual)  # re-quantizes the residual on a quantized base
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1) * self.scaling
