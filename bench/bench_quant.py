@@ -4,7 +4,8 @@ Each variant runs in a fresh process (peak memory does not mix):
   fp32        the base loaded in fp32 (the reference run)
   int8        fp32 load, then rankwise.quantize_base(model, "int8")
   int4        fp32 load, then quantize_base(model, "int4", group_size=64)   (int4 values stored unpacked in int8)
-  int8-lean   the bf16 cache loaded as bf16, each linear quantized from fp32 as it comes, the rest cast to fp32:
+  int8-lean   the bf16 cache loaded as bf16, quantize_base(..., compute_dtype=float32) upcasts each linear just
+              before quantizing it, then the rest is cast to fp32:
               no full fp32 copy of the model ever exists (the "quantize while loading" recipe)
 Reported per variant: RSS after imports (runtime), after load (+ quantization), peak RSS of the whole process
 (VmHWM), peak RSS of the training steps alone, median step time, tokens/s.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -80,19 +82,17 @@ def run_variant(variant: str, batch: int, seq: int, steps: int) -> dict:
 
 
 def load_lean():
-    """bf16 load; one decoder layer at a time upcast to fp32 and quantized (never a full fp32 copy)."""
+    """bf16 load; each linear upcast to fp32 just before it is quantized (never a full fp32 copy)."""
     from transformers import AutoModelForCausalLM
 
     import rankwise
     from rankwise.data.offline_assets import smollm2_dir
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.bfloat16)
-    layers = 0
-    for block in model.model.layers:
-        block.float()  # fp32 compute dtype for the quantized weights, as in the fp32 run
-        layers += len(rankwise.quantize_base(block, "int8", skip=()).layers)
+    report = rankwise.quantize_base(model, "int8", compute_dtype=torch.float32).to_dict()
+    report.pop("layers")
     model.float()  # embeddings (tied head) and norms
-    return model, {"scheme": "int8", "layers_quantized": layers}
+    return model, report
 
 
 def main() -> None:
@@ -106,20 +106,27 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.batch, args.seq, args.steps)), flush=True)
         return
-    rows = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = (out.stdout if out.returncode == 0 else out.stderr).strip().splitlines() or ["no output"]
-        rows[variant] = json.loads(lines[-1]) if out.returncode == 0 else {"variant": variant, "error": lines[-1]}
-        print(variant, {k: v for k, v in rows[variant].items() if k not in ("quant_report", "losses")}, flush=True)
-    fp32 = rows["fp32"]
-    for row in rows.values():
-        if "peak_rss_process_mib" in row and "peak_rss_process_mib" in fp32:
-            row["peak_rss_x_fp32"] = row["peak_rss_process_mib"] / fp32["peak_rss_process_mib"]
-            row["static_rss_x_fp32"] = row["rss_after_load_mib"] / fp32["rss_after_load_mib"]
-            row["time_x_fp32"] = row["step_seconds_median"] / fp32["step_seconds_median"]
+    # glibc's default heap keeps freed holes that later large allocations cannot reuse, so peak RSS also
+    # measures fragmentation; a fixed mmap threshold returns every large tensor to the OS when it is freed,
+    # so the second setting shows what the tensors themselves hold.
+    allocators = {"glibc-default": {}, "mmap-threshold-128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+    rows: dict[str, dict] = {}
+    for alloc, env in allocators.items():
+        rows[alloc] = {}
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
+                   "--steps", str(args.steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+            lines = (out.stdout if out.returncode == 0 else out.stderr).strip().splitlines() or ["no output"]
+            row = json.loads(lines[-1]) if out.returncode == 0 else {"variant": variant, "error": lines[-1]}
+            rows[alloc][variant] = row
+            print(alloc, variant, {k: v for k, v in row.items() if k not in ("quant_report", "losses")}, flush=True)
+        fp32 = rows[alloc]["fp32"]
+        for row in rows[alloc].values():
+            if "peak_rss_process_mib" in row and "peak_rss_process_mib" in fp32:
+                row["peak_rss_x_fp32"] = row["peak_rss_process_mib"] / fp32["peak_rss_process_mib"]
+                row["static_rss_x_fp32"] = row["rss_after_load_mib"] / fp32["rss_after_load_mib"]
+                row["time_x_fp32"] = row["step_seconds_median"] / fp32["step_seconds_median"]
     payload = {"model": "SmolLM2-135M-Instruct", "adapter": "LoRA r16 alpha 32 on q,k,v,o,gate,up,down",
                "batch": args.batch, "seq": args.seq, "steps": args.steps, "machine": machine(), "rows": rows}
     print(write_json(args.out, payload))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import threading
 from typing import Any, Iterable
 
 import torch
@@ -107,6 +108,36 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+_scratch = threading.local()
+
+
+def dequantized_scratch(weight: torch.Tensor) -> torch.Tensor:
+    """`weight.dequantize()` written into a buffer reused by every weight of the same shape (fp32 weights).
+
+    Valid only until the next call for that shape on this thread: for a matmul that is consumed at once, never
+    for a tensor that is kept. Why: a fresh weight-sized tensor per layer per forward and backward fragments
+    glibc's heap between the saved activations; on SmolLM2 a 16-token LoRA step grew RSS by 500+ MiB a step.
+    Same values as `dequantize()` ((q - zero_point) * scale per block, in fp32), checked in tests/test_quant.py.
+    """
+    block = getattr(weight, "block_size", None)
+    if weight.dtype != torch.float32 or block is None or len(block) != 2 or weight.qdata.dim() != 2:
+        return weight.dequantize()
+    q = weight.qdata
+    rows, cols = q.shape
+    bo, bi = block
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (rows, cols, q.device)
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = torch.empty(rows, cols, dtype=torch.float32, device=q.device)
+    blocks = buf.view(rows // bo, bo, cols // bi, bi)
+    buf.copy_(q)
+    if weight.zero_point is not None:
+        blocks.sub_(weight.zero_point.view(rows // bo, 1, cols // bi, 1))
+    blocks.mul_(weight.scale.view(rows // bo, 1, cols // bi, 1))
+    return buf
+
+
 class _FrozenQuantizedLinearFn(torch.autograd.Function):
     """y = x Wq^T + b with Wq frozen; saves only the quantized Wq (by reference), dequantizes it again in backward."""
 
@@ -114,16 +145,16 @@ class _FrozenQuantizedLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.weight = weight  # the module's parameter: a reference, no copy, and no dense fp32 copy kept alive
         ctx.has_bias = bias is not None
-        # Dequantize and run one dense matmul rather than torchao's CPU kernel: that kernel allocates two more
-        # output-sized temporaries (scale, bias), which fragment the heap between the saved activations
-        # (+700 MiB peak RSS on a SmolLM2 LoRA step, bench/bench_quant.py); the weight-sized copy is freed at once.
-        return F.linear(x, weight.dequantize(), bias)
+        # Dequantize into a reused buffer and run one dense matmul rather than torchao's CPU kernel: that kernel
+        # allocates a weight-sized copy and two output-sized temporaries (scale, bias) per call, which fragment
+        # the heap between the saved activations (+700 MiB peak RSS on a SmolLM2 LoRA step, bench/bench_quant.py).
+        return F.linear(x, dequantized_scratch(weight), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.weight.dequantize().to(grad_out.dtype)
+            grad_x = grad_out @ dequantized_scratch(ctx.weight).to(grad_out.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_b
@@ -148,7 +179,7 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             return _FrozenQuantizedLinearFn.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight.dequantize(), self.bias)
+        return F.linear(x, dequantized_scratch(self.weight), self.bias)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
@@ -210,7 +241,8 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) or name.split(".")[-1] == p for p in patterns)
 
 
-def quantize_base(model: nn.Module, scheme: str = "int8", skip: Iterable[str] = ("lm_head",), group_size: int = 64) -> QuantReport:
+def quantize_base(model: nn.Module, scheme: str = "int8", skip: Iterable[str] = ("lm_head",), group_size: int = 64,
+                  compute_dtype: torch.dtype | None = None) -> QuantReport:
     """Quantize the frozen `nn.Linear` layers of `model` in place (weight-only) and report what changed.
 
         model = AutoModelForCausalLM.from_config(cfg)
@@ -221,6 +253,10 @@ def quantize_base(model: nn.Module, scheme: str = "int8", skip: Iterable[str] = 
     already wrapped by an adapter, and (int4) a layer whose input width is not a multiple of `group_size` are
     skipped and listed in the report with the reason. Raises `ConfigError` for an unknown scheme and
     `QuantBackendError` (a `RankwiseError`) naming the pip command when torchao is not installed.
+
+    `compute_dtype`: cast each linear to this dtype just before quantizing it (one layer at a time), e.g. load a
+    bf16 checkpoint and quantize with `compute_dtype=torch.float32` so no full fp32 copy ever exists; the layers
+    left dense keep their dtype (cast them yourself). Default: each layer's own dtype.
     """
     from rankwise.core.layer import AdaptedLayer
 
@@ -253,6 +289,8 @@ def quantize_base(model: nn.Module, scheme: str = "int8", skip: Iterable[str] = 
         if scheme == "int4" and module.in_features % group_size:
             skipped[name] = f"in_features={module.in_features} is not a multiple of group_size={group_size}"
             continue
+        if compute_dtype is not None:
+            module.to(compute_dtype)
         w_before += tensor_bytes(module.weight)
         tq.quantize_(module, config)  # replaces module.weight by the quantized tensor subclass
         quantized = QuantizedLinear.from_linear(module, module.weight.detach(), scheme, group_size)

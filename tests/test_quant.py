@@ -351,3 +351,14 @@ def test_pissa_init_over_a_quantized_base_requantizes_the_residual():
     assert layer.is_quantized
     # base (quantized residual) + principal adapter reproduces the quantized base within the int8 error
     torch.testing.assert_close(_logits(adapted, ids), y_base, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_dequantized_scratch_equals_torchao_dequantize(scheme):
+    weight = quant.quantize_weight(torch.randn(48, 128), scheme, group_size=32)
+    expected = weight.dequantize()
+    got = quant.dequantized_scratch(weight)
+    assert torch.equal(got, expected)
+    other = quant.quantize_weight(torch.randn(48, 128), scheme, group_size=32)
+    assert quant.dequantized_scratch(other) is got  # one buffer per shape, reused
+    assert torch.equal(got, other.dequantize())

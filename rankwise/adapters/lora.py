@@ -75,13 +75,13 @@ class LoraAdapter(Adapter):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        weight = layer.weight_matrix()
+        shape = layer.weight_shape  # shape only: no dequantized copy of a quantized base
         if layer.kind == "conv":
-            self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:]))
-            self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, *([1] * (weight.dim() - 2))))
+            self.lora_A = nn.Parameter(torch.empty(r, *shape[1:]))
+            self.lora_B = nn.Parameter(torch.empty(shape[0], r, *([1] * (len(shape) - 2))))
         else:  # linear and embedding: A is r x in, B is out x r in canonical layout
-            self.lora_A = nn.Parameter(torch.empty(r, weight.shape[1]))
-            self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r))
+            self.lora_A = nn.Parameter(torch.empty(r, shape[1]))
+            self.lora_B = nn.Parameter(torch.empty(shape[0], r))
         self.reset_parameters(config.init_lora_weights, layer)
 
     @torch.no_grad()
