@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="quant_smollm2")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (fp32 is required for ratios)")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.batch, args.seq, args.steps)), flush=True)
@@ -113,7 +114,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     for alloc, env in allocators.items():
         rows[alloc] = {}
-        for variant in VARIANTS:
+        for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
                    "--steps", str(args.steps)]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
