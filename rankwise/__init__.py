@@ -23,6 +23,7 @@ from rankwise.core.errors import (  # noqa: E402,F401
 from rankwise.core.io import load_adapter  # noqa: E402,F401
 from rankwise.core.model import AdaptedModel, adapt  # noqa: E402,F401
 from rankwise.core.registry import get_method, list_methods, load_builtin_methods, register  # noqa: E402,F401
+from rankwise.quant import QuantReport, merge_and_requantize, quantize_base  # noqa: E402,F401
 
 load_builtin_methods()
 globals().update({info.config_cls.__name__: info.config_cls for info in list_methods()})

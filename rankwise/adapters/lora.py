@@ -86,13 +86,13 @@ class LoraAdapter(Adapter):
         # procedure later resizes A and B, and is saved (`pissa_rank_pattern`) so a reload rebuilds that residual.
         self.pissa_rank = int(resolve_pattern(config.pissa_rank_pattern, module_name, r)) if config.init_lora_weights == "pissa" else None
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        weight = layer.weight_matrix()
+        shape = layer.weight_shape  # shape only: no dequantized copy of a quantized base
         if layer.kind == "conv":
-            self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:]))
-            self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, *([1] * (weight.dim() - 2))))
+            self.lora_A = nn.Parameter(torch.empty(r, *shape[1:]))
+            self.lora_B = nn.Parameter(torch.empty(shape[0], r, *([1] * (len(shape) - 2))))
         else:  # linear and embedding: A is r x in, B is out x r in canonical layout
-            self.lora_A = nn.Parameter(torch.empty(r, weight.shape[1]))
-            self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r))
+            self.lora_A = nn.Parameter(torch.empty(r, shape[1]))
+            self.lora_B = nn.Parameter(torch.empty(shape[0], r))
         self.reset_parameters(config.init_lora_weights, layer)
 
     @torch.no_grad()
@@ -126,7 +126,7 @@ class LoraAdapter(Adapter):
         self.lora_A.copy_(A.view_as(self.lora_A))
         self.lora_B.copy_(B.view_as(self.lora_B))
         residual = weight.float() - ((U * S) @ Vh).view_as(weight)
-        layer.base_layer.weight.copy_(layer.to_native(residual).to(weight.dtype))
+        layer.set_weight_matrix(residual)  # re-quantizes the residual on a quantized base
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1) * self.scaling

@@ -10,9 +10,15 @@ Canonical weight layout handed to adapters (`weight_matrix()`), "out x in" where
     linear      transformers Conv1D        W.T          (out, in)  (in, out)
     conv        nn.Conv1d/2d/3d            W (out, in/g, *k)       same
     embedding   nn.Embedding               W.T  (dim, num_emb)     (num_emb, dim)
+
+A quantized base (`rankwise.quant.QuantizedLinear`, a frozen torchao int8/int4 weight) is wrapped like any
+linear: `weight_matrix()` hands adapters the dequantized weight (a transient dense copy), the fused
+base-plus-update paths are skipped (they would keep that dense copy alive until backward, i.e. the memory of
+an fp32 base), and a merge swaps in a dense `nn.Linear` holding W + dW (unmerge puts the quantized one back).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.errors import AdapterStateError, MergeError, TargetError
+from rankwise.quant import QuantizedLinear, is_quantized, quantize_weight
 
 try:  # GPT-2 style layers store weights as (in, out)
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -60,6 +67,7 @@ class AdaptedLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.routing: list[str] | None = None  # per-sample adapter names, set by the model for one call
+        self.quantized_base: QuantizedLinear | None = None  # the quantized base while a merge replaced it by a dense one
         # torch's load_state_dict runs a module's pre-hooks before it loads the children, so the adapters see
         # their entries (`Adapter.prepare_load`) before torch checks shapes, as with `load_adapter`.
         self.register_load_state_dict_pre_hook(_prepare_adapters)
@@ -71,19 +79,43 @@ class AdaptedLayer(nn.Module):
 
     @property
     def in_features(self) -> int:
-        w = self.weight_matrix()
-        return w.shape[1] if self.kind != "conv" else w[0].numel()
+        shape = self.weight_shape
+        return shape[1] if self.kind != "conv" else math.prod(shape[1:])
 
     @property
     def out_features(self) -> int:
-        return self.weight_matrix().shape[0]
+        return self.weight_shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the canonical weight (no dequantization)."""
+        shape = tuple(self.base_layer.weight.shape)
+        return shape[::-1] if self.transposed or self.kind == "embedding" else shape
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when the base weight is a quantized tensor (see `rankwise.quant`)."""
+        return is_quantized(self.base_layer.weight)
 
     def weight_matrix(self) -> torch.Tensor:
-        """The base weight in canonical layout (a view, no copy)."""
+        """The base weight in canonical layout: a view, no copy; for a quantized base a dequantized dense copy."""
         w = self.base_layer.weight
+        if is_quantized(w):
+            return w.dequantize()  # quantize_base only quantizes nn.Linear: already (out, in)
         if self.transposed or self.kind == "embedding":
             return w.T
         return w
+
+    @torch.no_grad()
+    def set_weight_matrix(self, canonical: torch.Tensor) -> None:
+        """Overwrite the base weight (canonical layout), re-quantizing with the layer's scheme if it is quantized."""
+        base = self.base_layer
+        if isinstance(base, QuantizedLinear) and is_quantized(base.weight):
+            base.weight = nn.Parameter(
+                quantize_weight(canonical.to(base.weight.dtype), base.scheme, base.group_size), requires_grad=False
+            )
+            return
+        base.weight.copy_(self.to_native(canonical).to(base.weight.dtype))
 
     def to_native(self, canonical: torch.Tensor) -> torch.Tensor:
         if self.transposed or self.kind == "embedding":
@@ -116,7 +148,7 @@ class AdaptedLayer(nn.Module):
         if self.routing is not None:
             return self._mixed_batch_forward(x, *args, **kwargs)
         pending = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters and n in self.adapters]
-        if len(pending) == 1 and not args and not kwargs:
+        if len(pending) == 1 and not args and not kwargs and not self.is_quantized:
             # One adapter may compute base + update in a single autograd node (it returns None to decline).
             out = pending[0].fused_forward(x, self)
             if out is not None:
@@ -156,6 +188,9 @@ class AdaptedLayer(nn.Module):
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged into {self.adapters[name].module_name}", stacklevel=3)
                 continue
+            if self.is_quantized:
+                self._merge_into_quantized(name, safe_merge)
+                continue
             weight = self.base_layer.weight
             with torch.no_grad():
                 canonical = self.weight_matrix().float()
@@ -188,7 +223,28 @@ class AdaptedLayer(nn.Module):
                 merged = self.adapters[name].merged_weight(self.weight_matrix().float())
                 self._refuse_non_finite(name, merged.to(weight.dtype) if safe_merge else merged)
 
+    def _merge_into_quantized(self, name: str, safe_merge: bool) -> None:
+        # Re-quantizing W + dW could round the update away (PEFT #2586); a dense nn.Linear holds the exact merge.
+        quantized = self.base_layer
+        with torch.no_grad():
+            merged = self.adapters[name].merged_weight(self.weight_matrix().float())
+            self._refuse_non_finite(name, merged)
+            linear = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
+                               device=merged.device, dtype=quantized.weight.dtype)
+            linear.weight.copy_(merged)
+            linear.weight.requires_grad_(False)
+            if quantized.bias is not None:
+                linear.bias = quantized.bias
+        self.__dict__["quantized_base"] = quantized  # kept aside, not a submodule (no second copy in state_dict)
+        self.base_layer = linear
+        self.merged_adapters.append(name)
+
     def unmerge(self) -> None:
+        if self.quantized_base is not None:  # merged into a quantized base: put the untouched quantized layer back
+            self.base_layer = self.quantized_base
+            self.__dict__["quantized_base"] = None
+            self.merged_adapters.clear()
+            return
         weight = self.base_layer.weight
         with torch.no_grad():
             while self.merged_adapters:
