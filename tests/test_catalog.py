@@ -23,7 +23,7 @@ INFRASTRUCTURE = {
     "rankwise.federated.simulation", "rankwise.federated.task",
     "rankwise.solvers.result", "rankwise.layers.s4d_demo",
 }
-TRAIN_INFRASTRUCTURE = {"checkpoint", "distributed", "finetune", "hf", "loop", "lora_tools", "procedures"}
+TRAIN_INFRASTRUCTURE = {"checkpoint", "distributed", "finetune", "hf", "loop", "lora_tools", "procedures", "reporting"}
 
 
 def test_every_method_module_appears_in_the_catalog():

@@ -116,7 +116,7 @@ def tiny_run(tmp_path_factory):
 def test_cli_option_errors_are_clear(tiny_run, tmp_path, option, expected):
     model_dir, data = tiny_run
     result = CliRunner().invoke(app, ["finetune", "--data", str(data), "--model", str(model_dir), "--train-size", "20",
-                                      "--test-size", "10", "--output", str(tmp_path / "run"), "-o", option])
+                                      "--test-size", "10", "--output", str(tmp_path / "run"), "--option", option])
     text = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
     assert expected in text and "Traceback" not in text
