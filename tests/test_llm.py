@@ -313,3 +313,13 @@ def test_input_side_adapter_generates_through_its_prompt(tiny_llama_dir):
     manual = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()
     assert int(out[0, len(ids)]) == int(manual)
     assert isinstance(generate_replies(model, tok, prompt, max_new_tokens=5)[0], str)
+
+
+def test_missing_quantization_backend_is_a_clear_error(tiny_llama_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rankwise.quant", None)  # as if the module / its backend were not installed
+    with pytest.raises(ConfigError, match="quantization backend is not available"):
+        load_base(tiny_llama_dir, task="causal-lm", device="cpu", quantize="int8")
+    with pytest.raises(ConfigError, match="quantize='int3'"):
+        load_base(tiny_llama_dir, task="causal-lm", quantize="int3")
