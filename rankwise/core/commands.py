@@ -276,5 +276,5 @@ def register(app: typer.Typer) -> None:
 
 # The causal-LM demo: tuned to finish in under 10 minutes on 2 CPU cores with a visible gain (see docs/guides/llm.md).
 DEMO_CAUSAL_LM = dict(method="lora", rank=8, targets=None, option=[], lora_alpha=16.0, epochs=1, max_steps=0, lr=2e-3,
-                      batch_size=8, max_length=128, train_size=400, test_size=100, eval_generations=64, max_new_tokens=8,
+                      batch_size=8, max_length=128, train_size=240, test_size=64, eval_generations=48, max_new_tokens=6,
                       warmup=0.1)
