@@ -292,3 +292,34 @@ def test_checkpoints_resume_and_tensorboard(tiny_llama_dir, sentiment_jsonl, tmp
     assert result.exit_code == 0, result.output
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["after"]["loss"] == pytest.approx(first["after"]["loss"], rel=1e-5)
+
+
+def test_input_side_adapter_generates_through_its_prompt(tiny_llama_dir):
+    """DePT's soft prompt rewrites the inputs: generation must see it (model.generate of the base would not)."""
+    import rankwise
+    from rankwise.generation import changes_inputs, generate_replies, greedy_by_forward
+
+    base, tok = load_base(tiny_llama_dir, task="causal-lm", device="cpu")
+    model = rankwise.adapt(base, rankwise.get_method("dept").config_cls(target_modules=["embed_tokens"], num_virtual_tokens=4))
+    with torch.no_grad():
+        model.shared["default"].prompt_embeddings.normal_(0, 3.0)  # a prompt that changes the replies
+    assert changes_inputs(model)
+    prompt = [[{"role": "user", "content": "I love this day."}]]
+    ids = tok(render(tok, prompt[0], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    out = greedy_by_forward(model, torch.tensor([ids]), 5, [], tok.pad_token_id)
+    with model.disable_adapter():
+        plain = base.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert not torch.equal(out, plain)
+    manual = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()
+    assert int(out[0, len(ids)]) == int(manual)
+    assert isinstance(generate_replies(model, tok, prompt, max_new_tokens=5)[0], str)
+
+
+def test_missing_quantization_backend_is_a_clear_error(tiny_llama_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rankwise.quant", None)  # as if the module / its backend were not installed
+    with pytest.raises(ConfigError, match="quantization backend is not available"):
+        load_base(tiny_llama_dir, task="causal-lm", device="cpu", quantize="int8")
+    with pytest.raises(ConfigError, match="quantize='int3'"):
+        load_base(tiny_llama_dir, task="causal-lm", quantize="int3")

@@ -58,7 +58,7 @@ def _report_causal_lm(metrics: dict) -> None:
     for col in ("prompt", "reference", "before", "after"):
         samples.add_column(col, overflow="fold")
     for b, a in zip(before.get("samples", []), after.get("samples", [])):
-        samples.add_row(b["prompt"][-160:], b["reference"], b["generated"], a["generated"])
+        samples.add_row(b["prompt"].split("\n\n")[-1][-200:], b["reference"], b["generated"], a["generated"])
     console.print(samples)
     notes = []
     if metrics.get("chat_template", "").startswith("fallback"):
@@ -291,5 +291,5 @@ def register(app: typer.Typer) -> None:
 
 # The causal-LM demo: tuned to finish in under 10 minutes on 2 CPU cores with a visible gain (see docs/guides/llm.md).
 DEMO_CAUSAL_LM = dict(method="lora", rank=8, targets=None, option=[], lora_alpha=16.0, epochs=1, max_steps=0, lr=2e-3,
-                      batch_size=8, max_length=128, train_size=400, test_size=100, eval_generations=64, max_new_tokens=8,
+                      batch_size=8, max_length=128, train_size=192, test_size=48, eval_generations=40, max_new_tokens=6,
                       warmup=0.1)

@@ -160,7 +160,8 @@ def finetune(
     if dp is not None and spec.batch_size < dp.world_size:
         raise ConfigError(f"batch_size={spec.batch_size} is smaller than the {dp.world_size} processes: "
                           f"the batch size is global (split over the processes); use --batch-size >= {dp.world_size}")
-    before = task.evaluate(model, dp, full=True)
+    with _status(progress, "evaluating the untuned model"):
+        before = task.evaluate(model, dp, full=True)
     started = time.perf_counter()
     try:
         state = train(
@@ -188,7 +189,8 @@ def finetune(
     if task.eval_in_loop_is_full and procedure_cb is None and evals and evals[-1]["step"] == state.step:
         after = {k[len("eval_"):]: v for k, v in evals[-1].items() if k.startswith("eval_")}
     else:  # a procedure may change the model when it finishes (e.g. TRP's final low-rank substitution)
-        after = task.evaluate(model, dp, full=True)
+        with _status(progress, "evaluating the fine-tuned model"):
+            after = task.evaluate(model, dp, full=True)
     if not is_main:
         return {"before": before, "after": after, "history": state.history}
     if not dense:
@@ -231,6 +233,13 @@ def trainable_summary(model) -> dict[str, int | float]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def _status(progress: bool, message: str):
+    """A spinner while an evaluation runs (generations can take a while on CPU)."""
+    import contextlib
+
+    return _console(True).status(message) if progress else contextlib.nullcontext()
 
 
 def _console(progress: bool):
