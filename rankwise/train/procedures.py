@@ -82,6 +82,8 @@ def finish_procedure(procedure, output_dir: str | Path | None = None, console=No
             summary["ranks_png"] = str(png)
     if hasattr(procedure, "ranks"):
         summary["ranks"] = procedure.ranks()
+    if hasattr(procedure, "settings"):  # choices whose default changed (ALLoRA's norm_power): explicit in the run's summary
+        summary["settings"] = procedure.settings()
     if getattr(procedure, "kept", None) is not None:
         summary["kept_modules"] = list(procedure.kept)
     return summary
