@@ -115,7 +115,8 @@ def save_dense_low_rank(model, procedure, directory) -> dict[str, int]:
     split only, as the non-writing ranks of a data-parallel run do)."""
     from rankwise.train.trp import decompose, save_low_rank
 
-    ranks = decompose(model, list(procedure.layers), only_if_smaller=True)
+    schemes: dict[str, str] = {}
+    ranks = decompose(model, list(procedure.layers), only_if_smaller=True, scheme=procedure.scheme, schemes=schemes)
     if directory is not None:
-        save_low_rank(model, ranks, directory)
+        save_low_rank(model, ranks, directory, schemes)
     return ranks
