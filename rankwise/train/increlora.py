@@ -179,8 +179,17 @@ class IncreLoRA(RankAllocator):
         self._data_parallel = getattr(state, "data_parallel", None)
         self._pending: dict[str, torch.Tensor] = {}
         if not self.started:
+            self._check_schedule(state.scheduler)
             self._start(state.optimizer)
         super().on_step_start(state)
+
+    def _check_schedule(self, scheduler) -> None:
+        from rankwise.train.loop import LRFactor
+
+        if self.restart_warmup and self.budget_left() > 0 and not isinstance(getattr(scheduler, "lr_lambdas", [None])[0], LRFactor):
+            raise ConfigError("IncreLoRA's restart warm-up needs a rankwise LR schedule: with transformers.Trainer pass "
+                              "optimizers=(opt, rankwise.train.hf.bridge_scheduler(opt, 'linear', max_steps, warmup_steps)), "
+                              "or set restart_warmup=False")
 
     def _start(self, optimizer) -> None:
         """Step 0 (the code's first `update_and_increase`): reserves for every layer; E into the optimizer."""
@@ -229,11 +238,8 @@ class IncreLoRA(RankAllocator):
         from rankwise.train.loop import LRFactor
 
         scheduler = state.scheduler
-        template = getattr(scheduler, "lr_lambdas", [None])[0]
-        if not isinstance(template, LRFactor):
-            raise ConfigError("IncreLoRA's restart warm-up needs a rankwise LR schedule: with transformers.Trainer pass "
-                              "optimizers=(opt, rankwise.train.hf.bridge_scheduler(opt, 'linear', max_steps, warmup_steps)), "
-                              "or set restart_warmup=False")
+        self._check_schedule(scheduler)
+        template = scheduler.lr_lambdas[0]
         step = scheduler.last_epoch  # the LR of the coming optimizer.step is base_lr * factor(last_epoch)
         main = LRFactor(template.schedule, template.total_steps, template.warmup_steps, template.start)(step)
         if main <= 0:

@@ -206,3 +206,12 @@ def test_old_plain_variant_and_pre_change_checkpoints(tmp_path):
         IncreLoRA(lora_mlp(r=1, lora_alpha=4), target_total_rank=4).load_state_dict(legacy, TrainState(None, None, None))
     with pytest.raises(ConfigError, match="advance_learning"):
         IncreLoRA(lora_mlp(r=1), target_total_rank=4, importance_vector=False)
+
+
+def test_restart_warm_up_needs_a_rankwise_schedule():
+    model = lora_mlp(r=1, lora_alpha=4)
+    proc = IncreLoRA(model, target_total_rank=4)
+    optimizer = torch.optim.AdamW(model.parameter_groups(1e-2), lr=1e-2)
+    stock = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # e.g. a transformers schedule
+    with pytest.raises(ConfigError, match="bridge_scheduler"):
+        proc.on_step_start(TrainState(model, optimizer, stock))
