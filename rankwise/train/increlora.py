@@ -294,10 +294,10 @@ class IncreLoRA(RankAllocator):
         return plan
 
     def _add_components(self, module: str, count: int, optimizer, step: int) -> None:
-        if count <= 0:
-            return
         """Append `count` components: reserves (advance learning: A, B ~ N(0, 0.02^2), E = 1e-5 frozen) or,
         without advance learning, directly active ones (E on: A, B ~ N(0, 0.02^2), E = 0; E off: Kaiming A, zero B)."""
+        if count <= 0:
+            return
         adapter = self.adapters[module]
         out_features, in_features = adapter.lora_B.shape[0], adapter.lora_A.shape[1]
         if self.importance_vector:
