@@ -195,3 +195,17 @@ def test_trp_finetune_path_saves_the_scheme(tmp_path):
         load_low_rank(SquareConvs(), tmp_path)  # its factor shapes are VH's, so the NC reading must refuse them
     with pytest.raises(ConfigError, match="scheme"):
         TRP(SquareConvs(), scheme="xy")
+
+
+def test_a_low_rank_file_from_before_the_schemes_loads_as_nc(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(2, 3, 8, 8)
+    ranks = decompose(model, value_threshold=0.0)
+    save_low_rank(model, ranks, tmp_path)
+    info = json.loads((tmp_path / "low_rank.json").read_text())
+    assert info["schemes"] == {n: "nc" for n in ranks}
+    del info["schemes"]  # what save_low_rank wrote before issue 20
+    (tmp_path / "low_rank.json").write_text(json.dumps(info))
+    torch.testing.assert_close(load_low_rank(ConvNet(), tmp_path)(x), model(x))
