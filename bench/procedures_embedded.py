@@ -26,10 +26,15 @@ RUNS = {
     "allora": ("allora", {}, {"eta": 2.0}),
     "ggpo": ("ggpo", {}, {}),
     "increlora": ("increlora", {"rank": 1}, {"target_rank": 8, "init_warmup": 2, "incre_interval": 1, "top_h": 12, "incre_rank_num": 2, "seed": 0}),
+    # the variant shipped before issue 20 (no E, no reserves, no restart warm-up): the "old" row of the comparison
+    "increlora-plain": ("increlora", {"rank": 1}, {"target_rank": 8, "init_warmup": 2, "incre_interval": 1, "top_h": 12, "incre_rank_num": 2,
+                                                   "seed": 0, "importance_vector": False, "advance_learning": False, "restart_warmup": False}),
     "triadapt": ("triadapt", {"rank": 1}, {"reference_rank": 8, "incre_interval": 1}),
     "diffora": ("diffora", {}, {"ratio": 0.5, "search_steps": 6, "gate_lr": 0.05}),
     "maestro": ("maestro", {}, {"threshold": 1e-3, "shrink_every": 5, "init_warmup": 5, "gp_lambda": 1e-4}),
     "maestro-tau0.5": ("maestro", {}, {"threshold": 0.5, "shrink_every": 5, "init_warmup": 5, "gp_lambda": 1e-4}),
+    # without the full-pass self-distillation (the code's --no-full-pass; rankwise's only mode before issue 20)
+    "maestro-no-full-pass": ("maestro", {}, {"threshold": 1e-3, "shrink_every": 5, "init_warmup": 5, "gp_lambda": 1e-4, "full_pass": False}),
     "trp": ("trp", {"lr": 1e-4}, {"period": 5, "nuclear_weight": 3e-4}),
 }
 
@@ -41,7 +46,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", default=",".join(n for n in RUNS if n != "maestro-tau0.5"))
+    parser.add_argument("--only", default=",".join(n for n in RUNS if n not in ("maestro-tau0.5", "increlora-plain", "maestro-no-full-pass")))
     parser.add_argument("--out", default="bench/results/procedures_embedded.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

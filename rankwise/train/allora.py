@@ -4,8 +4,14 @@ arXiv 2410.09692). Spec: /work/shared/specs/methods-adapters-b.md part B3 §1; c
     forward:   y = x W0^T + (x A^T) B^T                    no dropout, no alpha/r
     backward:  delta~ = delta * s   (row i of the output gradient times s_i)
                dA = (delta~ B)^T X,  dB = delta~^T (X A^T),  dX = delta B A   (input gradient NOT scaled)
-               s_i = 1 / sqrt(||(B A)_i||^p + 1/eta^2)     p = norm_power (1: third-party codes; 2: "inversely
-                                                            proportional to the norm" of the abstract)
+               s_i = 1 / sqrt(||(B A)_i||^p + 1/eta^2)     p = norm_power, default 2 (see below)
+
+The exponent. The paper's text (abstract; the definition is in its §4.2, which third-party code (a) of the spec
+follows) scales the gradients "with a coefficient inversely proportional to parameters' l2 norm": s_i = (||(BA)_i||_2^2 + 1/eta^2)^(-1/2), which is ~ 1/||(BA)_i|| once the
+row has moved (p = 2) and eta at B = 0. The two third-party codes the spec read put the unsquared norm under the
+root (p = 1), whose coefficient decays like ||.||^(-1/2): not "inversely proportional". Default p = 2; p = 1 is
+kept for runs started before the change (rankwise <= this change used p = 1: a checkpoint that does not record
+`norm_power` resumes only with norm_power=1, see `load_state_dict`).
 
 At init B = 0, so s = eta: eta replaces the alpha/r scale. As a row of the update grows, its learning
 rate shrinks. The norms come from the r x r Gram matrix, ||(BA)_i||^2 = b_i^T (A A^T) b_i, never from
@@ -68,13 +74,16 @@ class ALLoRA:
 
     The adapter must have no dropout and scaling 1 (`LoraConfig(lora_alpha=r, lora_dropout=0)`; the
     defaults r=8, lora_alpha=8 qualify). eta > 0 is the initial effective scale (default 2, the third-party
-    default); norm_power 1 or 2 (see the module docstring).
+    default); norm_power 2 (the paper's "inversely proportional to the l2 norm", default) or 1 (the third-party
+    codes, and rankwise's default before; see the module docstring).
     """
 
-    def __init__(self, model, eta: float = 2.0, norm_power: int = 1, adapter_name: str | None = None):
+    LEGACY_NORM_POWER = 1  # what a checkpoint written before `norm_power` was recorded trained with
+
+    def __init__(self, model, eta: float = 2.0, norm_power: int = 2, adapter_name: str | None = None):
         if not (isinstance(eta, (int, float)) and eta > 0):
             raise ConfigError(f"ALLoRA eta={eta!r} is invalid: expected a number > 0 (the initial scale, e.g. 2)")
-        if norm_power not in (1, 2):
+        if isinstance(norm_power, bool) or norm_power not in (1, 2):
             raise ConfigError(f"ALLoRA norm_power={norm_power!r} is invalid: expected 1 or 2")
         self.eta, self.norm_power = float(eta), norm_power
         self.adapters = lora_adapters(model, "ALLoRA", adapter_name)
@@ -94,6 +103,23 @@ class ALLoRA:
     def row_scales(self) -> dict[str, torch.Tensor]:
         """Each layer's current per-row learning-rate factor s (length out)."""
         return {m: row_scale(a.lora_A, a.lora_B, self.eta, self.norm_power) for m, a in self.adapters.items()}
+
+    def settings(self) -> dict:
+        """What the run trained with (written into the run summary and every checkpoint)."""
+        return {"eta": self.eta, "norm_power": self.norm_power}
+
+    def state_dict(self) -> dict:
+        return self.settings()
+
+    def load_state_dict(self, saved: dict, train_state) -> None:
+        from rankwise.core.errors import CheckpointError
+
+        saved_power = saved.get("norm_power", self.LEGACY_NORM_POWER)
+        if saved_power != self.norm_power:
+            origin = "records" if "norm_power" in saved else "predates the recorded exponent, so it trained with"
+            raise CheckpointError(
+                f"this ALLoRA checkpoint {origin} norm_power={saved_power}, this run has norm_power={self.norm_power}: "
+                f"resume with -p norm_power={saved_power} (ALLoRA(model, norm_power={saved_power})), or start a new run")
 
     def remove(self) -> None:
         """Back to plain LoRA training (the weights are kept)."""

@@ -8,6 +8,11 @@ start as W's principal singular triplets, as Maestro's SVD init does for the den
 
     ordered dropout ("per_layer" sampler): each step, one (layer, width j) pair from a reshuffled cycle over
         all pairs; that layer runs with its first j components, every other layer at full width
+    full-pass self-distillation (`full_pass=True`, the default, as the authors' CIFAR/MNIST script):
+        loss = CE(f(x), y)  +  CE(f_sampled(x), softmax(f(x)).detach())
+        the model's own call is the full pass (the task loss the loop computes); a forward hook on the model
+        then runs the sampled network on the same inputs and back-propagates the distillation term at once.
+        full_pass=False: the loss is the task loss of the sampled network only (the code's `--no-full-pass`)
     loss += gp_lambda * sum_layers sum_i ( ||A[i:]||_F + ||B[:, i:]||_F )      hierarchical group lasso on tails
     every `shrink_every` steps after `init_warmup`: importance_i = ||A[i:]||_F * ||B[:, i:]||_F (non-increasing
         in i), keep the prefix with importance >= threshold (at least `min_rank`), physically slice A, B and
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rankwise.core.errors import ConfigError
+from rankwise.core.errors import CheckpointError, ConfigError
 from rankwise.train.lora_tools import (lora_adapters, plot_ranks, rank_table, record_ranks, resize_lora,
                                        restore_forward, set_forward)
 
@@ -39,15 +44,52 @@ def importance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return tail_a * tail_b
 
 
+def output_logits(output) -> torch.Tensor | None:
+    """The logits of a model call: the tensor itself, `.logits` (transformers outputs), or the first tensor of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def self_distillation_loss(sampled: torch.Tensor, full: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """CE(sampled, softmax(full)) averaged over rows (classes on the last dim); `labels` of a causal LM
+    (B x T, -100 = ignored) keep only the positions whose next token is scored, as the LM loss does."""
+    classes = full.shape[-1]
+    target = full.detach().float().softmax(-1).reshape(-1, classes)
+    per_row = F.cross_entropy(sampled.float().reshape(-1, classes), target, reduction="none")
+    if labels is not None and full.dim() == 3 and labels.shape == full.shape[:2]:
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100
+        keep = keep.reshape(-1)
+        return per_row[keep].sum() / keep.sum().clamp(min=1)
+    return per_row.mean()
+
+
 class Maestro:
+    """Maestro on the LoRA adapter `adapter_name` of `model`; a loop callback.
+
+    full_pass=True (default, the authors' CIFAR/MNIST script): task loss on the full network plus the sampled
+    network distilled towards the full one's softmax; False: task loss on the sampled network only (the code's
+    `--no-full-pass`, and rankwise's only mode before issue 20). The full pass costs a second forward/backward.
+    """
+
+    LEGACY_FULL_PASS = False  # what a checkpoint written before `full_pass` was recorded trained with
+
     def __init__(self, model, gp_lambda: float = 1e-6, threshold: float = 1e-5, shrink_every: int = 100,
-                 init_warmup: int = 0, min_rank: int = 1, ordered_dropout: bool = True, adapter_name: str | None = None):
+                 init_warmup: int = 0, min_rank: int = 1, ordered_dropout: bool = True, full_pass: bool = True,
+                 adapter_name: str | None = None):
         checks = [
             (isinstance(gp_lambda, (int, float)) and gp_lambda >= 0, "gp_lambda", "a number >= 0 (1e-6 in the scripts)"),
             (isinstance(threshold, (int, float)) and threshold >= 0, "threshold", "a number >= 0 (1e-5 in the code)"),
             (isinstance(shrink_every, int) and shrink_every >= 1, "shrink_every", "an integer >= 1 (optimizer steps)"),
             (isinstance(init_warmup, int) and init_warmup >= 0, "init_warmup", "an integer >= 0"),
             (isinstance(min_rank, int) and min_rank >= 1, "min_rank", "an integer >= 1 (a LoRA layer keeps one component)"),
+            (isinstance(full_pass, bool), "full_pass", "true or false"),
         ]
         for ok, name, allowed in checks:
             if not ok:
@@ -56,11 +98,15 @@ class Maestro:
         self.model, self.adapter_name = model, adapter_name or model.active_adapters[0]
         self.gp_lambda, self.threshold, self.shrink_every = gp_lambda, threshold, shrink_every
         self.init_warmup, self.min_rank, self.ordered_dropout = init_warmup, min_rank, ordered_dropout
+        self.full_pass = full_pass
         self.cycle: list[tuple[str, int]] = []
-        self.width: dict[str, int] = {}  # this step's truncated layer and width
+        self.width: dict[str, int] = {}  # the truncated layer and width of the forward running now
+        self.pair: tuple[str, int] | None = None  # this step's sampled (layer, width)
+        self._accum, self._in_sampled_pass = 1, False
         self.rank_history = [{"step": 0, **self.ranks()}]
         for module, adapter in self.adapters.items():
             set_forward(adapter, self._truncated_forward(module))
+        self._hook = model.register_forward_hook(self._distill, with_kwargs=True) if full_pass else None
 
     def _truncated_forward(self, module: str):
         procedure = self
@@ -89,12 +135,35 @@ class Maestro:
         return self.gp_lambda * torch.stack(terms).sum()
 
     def on_step_start(self, state) -> None:
-        self.width = dict([self.next_pair()]) if self.ordered_dropout else {}
+        self.pair = self.next_pair() if self.ordered_dropout else None
+        # Full pass on: the model's call runs at full width and the hook adds the sampled pass. Off: the call itself
+        # is the sampled network.
+        self.width = dict([self.pair]) if self.pair is not None and not self.full_pass else {}
+        config = getattr(state, "config", None)
+        self._accum = config.grad_accum if config is not None else 1
         if self.gp_lambda > 0:
             self.group_lasso().backward()
 
+    def _distill(self, module, args, kwargs, output):
+        if self.pair is None or self._in_sampled_pass or not module.training or not torch.is_grad_enabled():
+            return None
+        full = output_logits(output)
+        if full is None:
+            raise ConfigError(f"Maestro's full-pass self-distillation needs logits, but the model returned "
+                              f"{type(output).__name__}: pass full_pass=False (-p full_pass=false)")
+        labels = kwargs.get("labels")
+        sampled_kwargs = {k: v for k, v in kwargs.items() if k != "labels"}  # the sampled pass needs no task loss
+        self._in_sampled_pass, self.width = True, dict([self.pair])
+        try:
+            sampled = output_logits(module(*args, **sampled_kwargs))
+        finally:
+            self._in_sampled_pass, self.width = False, {}
+        # The loop divides each micro-batch's loss by grad_accum; the distillation term joins the same gradient.
+        (self_distillation_loss(sampled, full, labels) / self._accum).backward()
+        return None
+
     def on_step_end(self, state) -> None:
-        self.width = {}
+        self.width, self.pair = {}, None
         if state.step > self.init_warmup and state.step % self.shrink_every == 0:
             self.shrink(state.optimizer)
             self.rank_history.append({"step": state.step, **self.ranks()})
@@ -110,10 +179,18 @@ class Maestro:
         record_ranks(self.model, self.adapters, self.adapter_name)
         return self.ranks()
 
+    def settings(self) -> dict:
+        return {"full_pass": self.full_pass, "gp_lambda": self.gp_lambda, "threshold": self.threshold}
+
     def state_dict(self) -> dict:
-        return {"ranks": self.ranks(), "cycle": self.cycle, "rank_history": self.rank_history}
+        return {"ranks": self.ranks(), "cycle": self.cycle, "rank_history": self.rank_history, "full_pass": self.full_pass}
 
     def load_state_dict(self, saved: dict, train_state) -> None:
+        saved_full = saved.get("full_pass", self.LEGACY_FULL_PASS)
+        if saved_full != self.full_pass:
+            origin = "records" if "full_pass" in saved else "predates the full pass, so it trained with"
+            raise CheckpointError(f"this Maestro checkpoint {origin} full_pass={saved_full}, this run has "
+                                  f"full_pass={self.full_pass}: resume with -p full_pass={str(saved_full).lower()}, or start a new run")
         for m, r in saved["ranks"].items():
             if r < self.adapters[m].r:  # shrink to the checkpoint's rank; the values come from the checkpoint
                 resize_lora(self.adapters[m], keep=torch.arange(r), optimizer=train_state.optimizer)
@@ -124,6 +201,9 @@ class Maestro:
     def remove(self) -> None:
         for adapter in self.adapters.values():
             restore_forward(adapter)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def report(self, png: str | Path | None = None):
         if png is not None:

@@ -30,14 +30,14 @@ class ProcedureInfo:
 
 
 PROCEDURES = {p.name: p for p in (
-    ProcedureInfo("allora", "rankwise.train.allora:ALLoRA", "2410.09692", "LoRA without dropout/scaling; row learning rate ~ 1/sqrt(row norm)"),
+    ProcedureInfo("allora", "rankwise.train.allora:ALLoRA", "2410.09692", "LoRA without dropout/scaling; row learning rate ~ 1/(row norm) (p=2)"),
     ProcedureInfo("ggpo", "rankwise.train.ggpo:GGPO", "2502.14538", "gradient- and weight-norm-guided random weight perturbation (v1)"),
-    ProcedureInfo("increlora", "rankwise.train.increlora:IncreLoRA", "2308.12043", "ranks grow by importance under a total budget"),
+    ProcedureInfo("increlora", "rankwise.train.increlora:IncreLoRA", "2308.12043", "ranks grow by importance under a total budget (E vector, reserves, restart warm-up)"),
     ProcedureInfo("triadapt", "rankwise.train.triadapt:TriAdaptLoRA", "2501.08008", "triangular core B C A grown on a linear threshold schedule"),
     ProcedureInfo("diffora", "rankwise.train.diffora:DiffoRA", "2502.08905", "learned module gates choose which modules keep LoRA",
                   ("val_batches", "loss_fn")),
-    ProcedureInfo("maestro", "rankwise.train.maestro:Maestro", "2308.14929", "ordered dropout + progressive shrinking of LoRA ranks"),
-    ProcedureInfo("trp", "rankwise.train.trp:TRP", "2004.14566", "dense training with periodic truncated-SVD projection + nuclear norm"),
+    ProcedureInfo("maestro", "rankwise.train.maestro:Maestro", "2308.14929", "ordered dropout + full-pass self-distillation + progressive shrinking of LoRA ranks"),
+    ProcedureInfo("trp", "rankwise.train.trp:TRP", "2004.14566", "dense training with periodic truncated-SVD projection + nuclear norm (NC/VH/ND)"),
 )}
 
 
@@ -82,6 +82,8 @@ def finish_procedure(procedure, output_dir: str | Path | None = None, console=No
             summary["ranks_png"] = str(png)
     if hasattr(procedure, "ranks"):
         summary["ranks"] = procedure.ranks()
+    if hasattr(procedure, "settings"):  # choices whose default changed (ALLoRA's norm_power): explicit in the run's summary
+        summary["settings"] = procedure.settings()
     if getattr(procedure, "kept", None) is not None:
         summary["kept_modules"] = list(procedure.kept)
     return summary
@@ -113,7 +115,8 @@ def save_dense_low_rank(model, procedure, directory) -> dict[str, int]:
     split only, as the non-writing ranks of a data-parallel run do)."""
     from rankwise.train.trp import decompose, save_low_rank
 
-    ranks = decompose(model, list(procedure.layers), only_if_smaller=True)
+    schemes: dict[str, str] = {}
+    ranks = decompose(model, list(procedure.layers), only_if_smaller=True, scheme=procedure.scheme, schemes=schemes)
     if directory is not None:
-        save_low_rank(model, ranks, directory)
+        save_low_rank(model, ranks, directory, schemes)
     return ranks

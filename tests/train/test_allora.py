@@ -84,3 +84,42 @@ def test_bad_settings():
         ALLoRA(lora_mlp(lora_dropout=0.1))
     with pytest.raises(ConfigError, match="plain MLP"):
         ALLoRA(MLP())
+
+
+def test_default_exponent_is_the_papers_inverse_norm():
+    """The paper: a coefficient inversely proportional to the l2 norm, s = (||(BA)_i||^2 + 1/eta^2)^(-1/2).
+    Before, the default was p=1, whose s decays only like ||.||^(-1/2)."""
+    model = lora_mlp()
+    proc = ALLoRA(model, eta=2.0)
+    assert proc.norm_power == 2
+    A = torch.randn(3, 6)
+    B = torch.randn(4, 3) * torch.tensor([0.5, 1.0, 10.0, 100.0])[:, None]
+    norms = (B @ A).norm(dim=1)
+    s = row_scale(A, B, 2.0, proc.norm_power)
+    torch.testing.assert_close(s, (norms**2 + 0.25).rsqrt())
+    assert abs(float(s[-1] * norms[-1]) - 1) < 1e-4  # ~ 1 / norm for a row that moved far
+
+
+def test_exponent_is_recorded_and_an_old_checkpoint_resumes_only_with_p1(tmp_path):
+    from rankwise.core.errors import CheckpointError
+    from rankwise.train.procedures import finish_procedure
+
+    x, y = task(32)
+    model = lora_mlp()
+    proc = ALLoRA(model)
+    assert finish_procedure(proc)["settings"] == {"eta": 2.0, "norm_power": 2}
+    config = TrainConfig(epochs=2, lr=1e-2, checkpoint_every=2)
+    train(model, batcher(x, y), ce_loss, config, callbacks=[proc], progress=False, output_dir=tmp_path / "run", stop_after=2)
+    # the same run resumes; a different exponent is refused, naming the fix
+    m2 = lora_mlp()
+    train(m2, batcher(x, y), ce_loss, config, callbacks=[ALLoRA(m2)], progress=False, output_dir=tmp_path / "run",
+          resume_from="latest")
+    m3 = lora_mlp()
+    with pytest.raises(CheckpointError, match="norm_power=2"):
+        train(m3, batcher(x, y), ce_loss, config, callbacks=[ALLoRA(m3, norm_power=1)], progress=False,
+              output_dir=tmp_path / "run", resume_from="latest")
+    # a checkpoint from before the exponent was recorded (no callback state) trained with p=1
+    legacy = ALLoRA(lora_mlp(), norm_power=1)
+    legacy.load_state_dict({}, None)
+    with pytest.raises(CheckpointError, match="norm_power=1"):
+        ALLoRA(lora_mlp()).load_state_dict({}, None)

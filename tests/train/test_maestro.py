@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from train_helpers import batcher, ce_loss, lora_mlp, task
 
 import rankwise
@@ -49,7 +50,8 @@ def test_sampler_cycle_visits_every_pair_once():
     pairs = [proc.next_pair() for _ in range(6)]
     assert Counter(pairs) == Counter([(m, j) for m in ("lin0", "lin1") for j in (1, 2, 3)])
     proc.on_step_start(TrainState(model, None, None))
-    assert len(proc.width) == 1
+    assert proc.pair is not None and proc.width == {}  # full pass: the model's call runs at full width
+    assert Maestro(lora_mlp(r=3), full_pass=False).next_pair() is not None
 
 
 def test_importance_is_prefix_monotone_and_shrink_keeps_that_prefix():
@@ -147,3 +149,57 @@ def test_plain_lora_files_carry_no_pissa_rank_pattern(tmp_path):
 
     rankwise.adapt(MLP(), rankwise.LoraConfig(r=2, target_modules=["lin0"], init_lora_weights="pissa")).save_adapter(tmp_path)
     assert "pissa_rank_pattern" not in json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+def test_full_pass_self_distillation_is_the_default_loss():
+    """loss = CE(f(x), y) + CE(f_sampled(x), softmax(f(x)).detach()) (the authors' CIFAR/MNIST script); before,
+    only the sampled network's task loss was trained."""
+    import copy
+
+    from rankwise.train.lora_tools import lora_adapters
+
+    x, y = task(16)
+    model = lora_mlp(r=4, init_lora_weights="pissa")
+    reference = copy.deepcopy(model)
+    proc = Maestro(model, gp_lambda=0.0)
+    assert proc.full_pass
+    proc.on_step_start(TrainState(model, None, None, config=TrainConfig()))
+    module, j = proc.pair
+    ce_loss(model, (x, y)).backward()
+    # reference by hand: full network, then the same network with `module` truncated to j components
+    full = reference(x)
+    adapter = lora_adapters(reference, "ref")[module]
+    layer = reference.model.get_submodule(module)
+    saved = adapter.lora_A, adapter.lora_B
+
+    def truncated(mod, inputs, out):
+        h = inputs[0]
+        return layer.base_layer(h) + h @ (saved[1][:, :j] @ saved[0][:j]).T * adapter.scaling
+
+    handle = layer.register_forward_hook(truncated)
+    sampled = reference(x)
+    handle.remove()
+    total = F.cross_entropy(full, y) + F.cross_entropy(sampled, full.detach().softmax(-1))
+    total.backward()
+    for name, a in proc.adapters.items():
+        ref = lora_adapters(reference, "ref")[name]
+        torch.testing.assert_close(a.lora_A.grad, ref.lora_A.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.lora_B.grad, ref.lora_B.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_no_full_pass_trains_the_sampled_network_only_and_old_checkpoints_say_so():
+    from rankwise.core.errors import CheckpointError
+
+    x, y = task(8)
+    model = lora_mlp(r=4, init_lora_weights="pissa")
+    proc = Maestro(model, gp_lambda=0.0, full_pass=False)
+    proc.on_step_start(TrainState(model, None, None))
+    assert proc.width == dict([proc.pair])  # the model's own call is the sampled network
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    ce_loss(model, (x, y)).backward()
+    assert len(calls) == 1  # no second (sampled) pass
+    legacy = {"ranks": proc.ranks(), "cycle": [], "rank_history": []}  # a checkpoint from before full_pass existed
+    proc.load_state_dict(legacy, TrainState(model, None, None))
+    with pytest.raises(CheckpointError, match="full_pass=false"):
+        Maestro(lora_mlp(r=4), full_pass=True).load_state_dict(legacy, TrainState(model, None, None))
