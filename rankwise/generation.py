@@ -22,28 +22,6 @@ def _stop_ids(tokenizer, marker: str) -> list[int]:
     return ids
 
 
-def changes_inputs(model) -> bool:
-    """True when an active adapter rewrites the model inputs (DePT's soft prompt): `model.generate` of the wrapped
-    model would skip that rewrite, so such models decode through their own forward instead."""
-    shared = getattr(model, "shared", None)
-    if shared is None or not hasattr(model, "active_adapters"):
-        return False
-    return any(name in shared and hasattr(shared[name], "prepare_inputs") for name in model.active_adapters)
-
-
-@torch.no_grad()
-def greedy_by_forward(model, input_ids: torch.Tensor, max_new_tokens: int, stop: list[int], pad_id: int) -> torch.Tensor:
-    """Greedy decoding by full forward passes (no KV cache): every step goes through `model(...)`, input-side
-    adapters included. One unpadded row at a time, so positions need no padding correction."""
-    ids = input_ids
-    for _ in range(max_new_tokens):
-        next_id = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_id], dim=1)
-        if int(next_id) in stop:
-            break
-    return ids
-
-
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int = 64,
                      batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[str]:
@@ -66,15 +44,12 @@ def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]]
                    for c in chunk]
             if max_prompt_tokens:
                 ids = [x[-max_prompt_tokens:] for x in ids]
-            if changes_inputs(model):
-                rows = [greedy_by_forward(model, torch.tensor([x], device=device), max_new_tokens, stop, pad_id)[0, len(x):]
-                        for x in ids]
-            else:
-                batch = collate(ids, ids, pad_id, left=True)
-                out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop or None,
-                                     pad_token_id=pad_id)
-                rows = out[:, batch["input_ids"].shape[1]:]
+            # AdaptedModel.generate runs an input-side adapter's own generate hook (DePT's prompt, left padding aware)
+            batch = collate(ids, ids, pad_id, left=True)
+            out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop or None,
+                                 pad_token_id=pad_id)
+            rows = out[:, batch["input_ids"].shape[1]:]
             for row in rows:
                 text = tokenizer.decode(row.tolist(), skip_special_tokens=False)
                 for cut in (marker, tokenizer.eos_token, tokenizer.pad_token):

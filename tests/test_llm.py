@@ -297,22 +297,24 @@ def test_checkpoints_resume_and_tensorboard(tiny_llama_dir, sentiment_jsonl, tmp
 def test_input_side_adapter_generates_through_its_prompt(tiny_llama_dir):
     """DePT's soft prompt rewrites the inputs: generation must see it (model.generate of the base would not)."""
     import rankwise
-    from rankwise.generation import changes_inputs, generate_replies, greedy_by_forward
+    from rankwise.generation import generate_replies
 
     base, tok = load_base(tiny_llama_dir, task="causal-lm", device="cpu")
     model = rankwise.adapt(base, rankwise.get_method("dept").config_cls(target_modules=["embed_tokens"], num_virtual_tokens=4))
     with torch.no_grad():
         model.shared["default"].prompt_embeddings.normal_(0, 3.0)  # a prompt that changes the replies
-    assert changes_inputs(model)
     prompt = [[{"role": "user", "content": "I love this day."}]]
     ids = tok(render(tok, prompt[0], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    out = greedy_by_forward(model, torch.tensor([ids]), 5, [], tok.pad_token_id)
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, min_new_tokens=5)
     with model.disable_adapter():
         plain = base.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, min_new_tokens=5)
     assert not torch.equal(out, plain)
     manual = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()
     assert int(out[0, len(ids)]) == int(manual)
-    assert isinstance(generate_replies(model, tok, prompt, max_new_tokens=5)[0], str)
+    reply = generate_replies(model, tok, prompt, max_new_tokens=5)[0]
+    with model.disable_adapter():
+        plain_reply = generate_replies(model, tok, prompt, max_new_tokens=5)[0]
+    assert isinstance(reply, str) and reply != plain_reply
 
 
 def test_missing_quantization_backend_is_a_clear_error(tiny_llama_dir, monkeypatch):
@@ -323,3 +325,17 @@ def test_missing_quantization_backend_is_a_clear_error(tiny_llama_dir, monkeypat
         load_base(tiny_llama_dir, task="causal-lm", device="cpu", quantize="int8")
     with pytest.raises(ConfigError, match="quantize='int3'"):
         load_base(tiny_llama_dir, task="causal-lm", quantize="int3")
+
+
+def test_load_base_quantizes_the_frozen_linears(tiny_llama_dir):
+    from rankwise.quant import is_quantized
+
+    model, _ = load_base(tiny_llama_dir, task="causal-lm", device="cpu", quantize="int8")
+    report = model.rankwise_quant_report
+    assert report.layers and all(is_quantized(model.get_submodule(name).weight) for name in report.layers)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if not is_quantized(p))
+    dense, _ = load_base(tiny_llama_dir, task="causal-lm", device="cpu")
+    ids = torch.randint(0, 40, (2, 8))
+    with torch.no_grad():
+        rel = (model(input_ids=ids).logits - dense(input_ids=ids).logits).norm() / dense(input_ids=ids).logits.norm()
+    assert 0 < float(rel) < 0.05  # int8 rounding: close to the dense model, not identical

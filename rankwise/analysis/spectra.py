@@ -161,7 +161,7 @@ def adapter_updates(adapter_dir: str | Path, base: str | Path | None = None, num
 
     if num_labels is None:
         num_labels = _saved_num_labels(Path(adapter_dir) / "adapter_model.safetensors", Path(base))
-    model, _ = load_classifier(base, num_labels)
+    model, _ = load_classifier(base, num_labels, with_tokenizer=False)  # weights only: no tokenizer needed
     adapted = rankwise.load_adapter(model, adapter_dir)
     return dict(adapted.delta_weights())
 

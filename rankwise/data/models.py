@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from rankwise.core.errors import ConfigError
 
 TASKS = ("classification", "causal-lm")
@@ -99,7 +101,7 @@ def load_tokenizer(path: str | Path, task: str = "causal-lm"):
 
 
 def load_base(model_path: str | Path | None = None, task: str = "classification", num_labels: int | None = None,
-              dtype: str = "float32", device: str = "auto", quantize: str | None = None):
+              dtype: str = "float32", device: str = "auto", quantize: str | None = None, with_tokenizer: bool = True):
     """(model, tokenizer) for `task` from a local transformers directory (no hub access).
 
     model_path: a directory with config.json + weights + tokenizer; None takes the embedded default of the task
@@ -108,6 +110,8 @@ def load_base(model_path: str | Path | None = None, task: str = "classification"
     dtype:      the base weights' dtype ("float32" or "bfloat16").
     device:     "auto" (CUDA when available), "cpu" or "cuda" (a `ConfigError` when CUDA is absent).
     quantize:   None, "int8" or "int4": weight-only quantization of the frozen base (`rankwise.quant`).
+    with_tokenizer: False for callers that only read weights (spectra, delta analysis): the tokenizer is then
+                neither required nor loaded, and None is returned in its place.
     """
     check_load_args(task, dtype, device, quantize)
     if task == "classification" and num_labels is None:
@@ -117,42 +121,53 @@ def load_base(model_path: str | Path | None = None, task: str = "classification"
     from transformers.utils import logging
 
     path = _model_dir(model_path, task)
-    tokenizer = load_tokenizer(path, task)  # before the weights: a missing tokenizer fails fast
+    tokenizer = load_tokenizer(path, task) if with_tokenizer else None  # before the weights: fails fast
     torch_dtype = resolve_dtype(dtype)
+    # A quantized base is loaded in bf16 and each linear is cast to `dtype` only as it is quantized, so no full
+    # fp32 copy of the weights ever exists (SmolLM2: the fp32 load alone peaked above the whole int8 run).
+    load_dtype = torch.bfloat16 if quantize is not None else torch_dtype
     verbosity, bars_were_off = logging.get_verbosity(), not logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # the fresh classifier head warning is expected here
     logging.disable_progress_bar()  # a sub-second "Loading weights" bar would clutter command output
     try:
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch_dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=load_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
     finally:
         logging.set_verbosity(verbosity)
         if not bars_were_off:
             logging.enable_progress_bar()
-    if task == "causal-lm" and getattr(model.config, "pad_token_id", None) is None:
+    if tokenizer is not None and task == "causal-lm" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(resolve_device(device))
     if quantize is not None:
-        model = _quantize(model, quantize)
+        _quantize(model, quantize, torch_dtype)
     return model, tokenizer
 
 
-def _quantize(model, scheme: str):
+def _quantize(model, scheme: str, dtype) -> None:
+    """Quantize the frozen linears in place (computing in `dtype`) and cast what stays dense to `dtype`."""
     try:
         from rankwise.quant import quantize_base
     except ImportError as err:
         raise ConfigError(f"quantize={scheme!r}: the quantization backend is not available ({err}); install the "
                           "`quant` extra (`pip install rankwise[quant]`) or drop --quantize") from None
     try:
-        result = quantize_base(model, scheme)
+        from rankwise.quant import is_quantized
+
+        model.rankwise_quant_report = quantize_base(model, scheme, compute_dtype=dtype)
     except ImportError as err:  # the module is there, its backend library is not
         raise ConfigError(f"quantize={scheme!r}: the quantization backend is not available ({err}); install the "
                           "`quant` extra or drop --quantize") from None
-    return model if result is None else result
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and not is_quantized(tensor) and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
 
 
-def load_classifier(model_path: str | Path | None, num_labels: int, device: str = "cpu", dtype: str = "float32"):
+def load_classifier(model_path: str | Path | None, num_labels: int, device: str = "cpu", dtype: str = "float32",
+                    with_tokenizer: bool = True):
     """(model, tokenizer) for sequence classification (a thin wrapper of `load_base`)."""
-    return load_base(model_path, task="classification", num_labels=num_labels, dtype=dtype, device=device)
+    return load_base(model_path, task="classification", num_labels=num_labels, dtype=dtype, device=device,
+                     with_tokenizer=with_tokenizer)
