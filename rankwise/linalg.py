@@ -84,13 +84,15 @@ def _cached_random_basis(seed: int, shape: tuple[int, ...], distribution: str) -
     return basis
 
 
-def random_basis(seed: int, shape: tuple[int, ...], distribution: str = "normal") -> torch.Tensor:
+def random_basis(seed: int, shape: tuple[int, ...], distribution: str = "normal", cache: bool = True) -> torch.Tensor:
     """A frozen random tensor regenerated from `(seed, shape)`; one shared copy per key.
 
     Random-basis methods (NOLA, RandLoRA, ...) never save these: they are rebuilt from the seed.
-    The returned tensor is shared: treat it as read-only.
+    The returned tensor is shared: treat it as read-only. `cache=False` skips the shared cache, for
+    keys used once (per-layer seeds), so the cache does not keep tensors alive after their model is gone.
     """
-    return _cached_random_basis(int(seed), tuple(int(s) for s in shape), distribution)
+    key = (int(seed), tuple(int(s) for s in shape), distribution)
+    return _cached_random_basis(*key) if cache else _cached_random_basis.__wrapped__(*key)
 
 
 @functools.lru_cache(maxsize=32)
