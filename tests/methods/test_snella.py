@@ -116,3 +116,65 @@ def test_zero_init_subtracts_the_kernel_at_initial_scalars():
     with torch.no_grad():
         a.beta.fill_(0.05)  # a moved beta is a real change, not cancelled by the subtracted initial kernel
     torch.testing.assert_close(a.delta_weight(None), torch.full((20, 24), 0.05), atol=1e-6, rtol=0)
+
+
+# ---- the bi-level competition runs whenever train() trains SNELLA ----
+
+def _batches(n=20):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 24, generator=gen), torch.randn(8, 12, generator=gen)) for _ in range(n)]
+
+
+def _config(**kw):
+    from rankwise.train.loop import TrainConfig
+
+    return TrainConfig(epochs=1, lr=1e-2, schedule="constant", warmup_ratio=0.0, **kw)
+
+
+def _loss(m, b):
+    return (m(b[0]) - b[1]).pow(2).mean()
+
+
+def test_defaults_start_dense_and_end_at_the_reference_target():
+    config = rankwise.SnellaConfig(target_modules=["x"])
+    assert (config.sparsity, config.target_ratio, config.beta1, config.beta2, config.allocation_rounds) == (0.0, 0.3, 0.85, 0.85, 100)
+
+
+def test_training_runs_the_allocator_to_the_target_budget(tmp_path):
+    from rankwise.train.loop import train
+
+    model, reference = _model()
+    batches = _batches(20)
+    state = train(model, lambda e: batches, _loss, _config(), progress=False)
+    adapters = _adapters(model)
+    sparsities = [a.sparsity for a in adapters]
+    caps = [a.lora_In.shape[1] * a.lora_Out.shape[1] for a in adapters]
+    assert max(sparsities) > 0, "SNELLA trained dense: the allocator did not run"
+    assert len({round(s, 4) for s in sparsities}) > 1, "the layers compete for the budget: their sparsities differ"
+    kept = sum((1 - s) * c for s, c in zip(sparsities, caps)) / sum(caps)
+    # the last allocation (round 95 of 100 in 20 steps) is within (0.05)^3 of the target's 70 % non-zeros
+    assert kept == pytest.approx(0.7, abs=2e-3)
+    for adapter, s, cap in zip(adapters, sparsities, caps):
+        share = torch.count_nonzero(adapter.delta_weight(None)).item() / cap
+        assert abs(share - (1 - s)) <= 1 / cap + 1e-9
+    assert state.step == 20
+    x = torch.randn(4, 24)
+    model.save_adapter(tmp_path)
+    loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
+    torch.testing.assert_close(loaded(x), model(x))  # the allocated sparsities are in the file
+
+
+def test_training_allocation_resumes_identically(tmp_path):
+    from rankwise.train.loop import train
+
+    batches = _batches(10)
+    straight, _ = _model()
+    train(straight, lambda e: batches, _loss, _config(), progress=False)
+    first, _ = _model()
+    config = _config(checkpoint_every=4)
+    train(first, lambda e: batches, _loss, config, progress=False, output_dir=tmp_path, stop_after=5)
+    resumed, _ = _model()
+    train(resumed, lambda e: batches, _loss, config, progress=False, output_dir=tmp_path, resume_from="latest")
+    for a, b in zip(_adapters(straight), _adapters(resumed)):
+        assert a.sparsity == b.sparsity
+        torch.testing.assert_close(a.lora_In, b.lora_In)
