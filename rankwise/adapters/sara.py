@@ -17,11 +17,12 @@ go into `config.selected_counts`, so the saved adapter reloads exactly.
 Nuclear norm (`nuclear_norm_penalty`): lambda * ||P' (.) M||_* for one randomly drawn eligible 2-D layer per step.
 
 Both are part of training SaRA: `SaraTraining`, the callback `SaraConfig.training_callbacks` brings, so every
-run through `rankwise.train.loop.train` (and `rankwise finetune`) has them. Each optimizer step it adds the
-gradient of the nuclear-norm term of one drawn layer to that layer's `values.grad` (in `after_backward`, so it
-works the same behind `transformers.Trainer`, where rankwise does not compute the loss); at the progressive step
-(half the run, as the reference's 2500 of 5005) it re-selects instead: the new values have no gradient, so
-that step leaves them unchanged and the Adam state starts afresh, as in the reference.
+run through `rankwise.train.loop.train` (and `rankwise finetune`) has them. At the start of each optimizer step
+it back-propagates the nuclear-norm term of one drawn layer into that layer's `values.grad` (a gradient, not a
+loss term: it works the same behind `transformers.Trainer`, where rankwise does not compute the loss, and it
+is clipped with the loss's gradient as in the reference); at the progressive step (half the run, as the
+reference's 2500 of 5005) it re-selects before the update: the new values have no gradient, so that step leaves
+them unchanged and the Adam state starts afresh, as in the reference.
 """
 from __future__ import annotations
 
@@ -254,12 +255,11 @@ def nuclear_norm_penalty(model, adapter_name: str = "default", generator: torch.
 class SaraTraining:
     """The parts of SaRA's training beyond the loss, as a `rankwise.train.loop.Callback`:
 
-        every optimizer step   values.grad += d/d values [lambda_rank * ||P' (.) M||_*]   (one drawn layer)
-        at the progressive step  reselect(model, optimizer): new support, fresh Adam state, no update that step
+        on_step_start            values.grad += d/d values [lambda_rank * ||P' (.) M||_*]   (one drawn layer)
+        after_backward, once     reselect(model, optimizer): new support, fresh Adam state, no update that step
 
-    The penalty's gradient is added after the loop's gradient clipping (the reference clips the sum; at the
-    reference's lambda = 5e-4 the term is a small share of the gradient). The drawn layer comes from a generator
-    seeded once, saved in checkpoints with the re-selected supports, so a resumed run continues identically.
+    The drawn layer comes from a generator seeded once, saved in checkpoints with the re-selected supports, so a
+    resumed run continues identically. (The reference draws a layer per micro-batch; here one per optimizer step.)
     """
 
     def __init__(self, model, adapter_name: str = "default"):
@@ -280,21 +280,24 @@ class SaraTraining:
             step = round(self.config.progressive_ratio * total_steps) if self.config.progressive_ratio > 0 else None
         return step if step is not None and 0 < step < total_steps else None
 
-    def after_backward(self, state) -> None:
-        target = self.progressive_step(state.total_steps)
-        if not self.reselected and target is not None and state.step >= target:
-            reselect(self.model, state.optimizer, self.adapter_name)
-            self.reselected, self.reselected_at = True, state.step
-            return  # the new values have no gradient: this step leaves them as selected (the reference's no-update step)
+    def on_step_start(self, state) -> None:
+        """The nuclear-norm term of one drawn layer, back-propagated before the step's micro-batches: it joins the
+        step's gradient before clipping, as the reference's loss term does (the rankwise convention for regularisers)."""
         adapter = _draw_nuclear_layer(self.model, self.adapter_name, self.generator)
         if adapter is None or not adapter.values.requires_grad:
             return
         with torch.enable_grad():
             penalty = self.config.lambda_rank * torch.linalg.matrix_norm(adapter.masked_values(), ord="nuc")
-            (grad,) = torch.autograd.grad(penalty, adapter.values)
-        values = adapter.values
-        values.grad = grad if values.grad is None else values.grad + grad
+            penalty.backward()
         self.last_penalty = float(penalty)
+
+    def after_backward(self, state) -> None:
+        """At the progressive step, re-select just before the optimizer step: the new values have no gradient, so
+        this step leaves them as selected and their Adam state starts afresh (the reference's no-update step)."""
+        target = self.progressive_step(state.total_steps)
+        if not self.reselected and target is not None and state.step >= target:
+            reselect(self.model, state.optimizer, self.adapter_name)
+            self.reselected, self.reselected_at = True, state.step
 
     def state_dict(self) -> dict:
         out = {"reselected": self.reselected, "reselected_at": self.reselected_at, "generator": self.generator.get_state()}
