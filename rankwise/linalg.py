@@ -130,14 +130,16 @@ def distance_kernel(left: torch.Tensor, right: torch.Tensor, coefficients: torch
     return torch.einsum("h,hio->io", coefficients.to(distances.dtype), distances)
 
 
-def competition_sparsify(matrix: torch.Tensor, sparsity: float, reweight: bool = True) -> torch.Tensor:
+def competition_sparsify(matrix: torch.Tensor, sparsity: float, reweight: bool = True, at_zero: bool = False) -> torch.Tensor:
     """Keep the entries above the `sparsity` quantile of |matrix| (about a (1 - sparsity) share survives).
 
     reweight=True is SNELL's competition: survivors are multiplied by their own (detached) magnitude, so the
     forward value is sign(K) K^2 and the gradient of each survivor is scaled by |K|. reweight=False is a plain
     mask. The threshold is recomputed from the current values on every call (no index tensor is stored).
+    sparsity = 0 returns the matrix as is, unless `at_zero` (SNELLA's reference code): then the threshold is the
+    smallest |entry| (quantile 0) and the survivors are still reweighted.
     """
-    if sparsity <= 0:
+    if sparsity <= 0 and not at_zero:
         return matrix
     magnitude = matrix.detach().abs()
     k = min(max(int(round(sparsity * magnitude.numel())), 1), magnitude.numel())

@@ -3,7 +3,8 @@
 
     D = sum_h c_h ||In[h, i] - Out[h, o]||_2                 (in x out, as SNELL)
     K = D + alpha * softmax(D / gamma, over out) + beta      (alpha = 1, gamma = 1, beta = 0 at init; trainable)
-    K_s = K * |K|.detach() * 1[|K| > quantile(|K|, s_l)]     (competition inside a layer, as SNELL)
+    K_s = K * |K|.detach() * 1[|K| > quantile(|K|, s_l)]     (competition inside a layer, as SNELL; also at s_l = 0,
+                                                              as the reference's SNELLA.sparsify: `dense_competition`)
 
     x ── W ───────────────────────┐
     └── dropout ── @ K_s ─────────┴─(+)── y          delta_weight = K_s^T
@@ -31,7 +32,7 @@ from torch import nn
 
 from rankwise.adapters.snell import SnellAdapter, SnellConfig
 from rankwise.core.registry import register
-from rankwise.linalg import distance_kernel
+from rankwise.linalg import competition_sparsify, distance_kernel
 
 
 class SnellaAdapter(SnellAdapter):
@@ -54,6 +55,11 @@ class SnellaAdapter(SnellAdapter):
 
     def initial_kernel(self) -> torch.Tensor:
         return self.kernel(self.initial_In, self.initial_Out, alpha=1.0, gamma=1.0, beta=0.0)  # the init values
+
+    def sparsify(self, matrix: torch.Tensor) -> torch.Tensor:
+        # The reference's SNELLA.sparsify runs at every sparsity, 0 included: K * |K| above quantile(|K|, s).
+        return competition_sparsify(matrix, self.sparsity, self.config.competition == "magnitude",
+                                    at_zero=self.config.dense_competition)
 
 
 def cubic_budget(step: int, total_steps: int, v_init: float, v_target: float,
@@ -231,6 +237,9 @@ class SnellaConfig(SnellConfig):
     target_ratio: average sparsity the budget schedule ends at (reference 0.3: 70 % non-zeros), in [0, 1).
     beta1, beta2: EMA factors of importance and uncertainty (reference 0.85), in [0, 1).
     init_warmup, final_warmup: allocation rounds at the start / end with a constant budget (reference 0 epochs), >= 0.
+    dense_competition: True (the reference's SNELLA): the magnitude competition runs at sparsity 0 too (K * |K|
+        above the smallest |K|); False: at sparsity 0 the kernel is used as is (files written before this field
+        existed, which load as False and keep their outputs).
     allocation_rounds: how many times the budget is re-allocated over a training run (>= 1; the reference
         allocates at each of its 100 epochs: 100). Training through `rankwise.train.loop.train` runs the
         allocator (`SnellaTraining`); it changes how SNELLA trains, not what a saved file computes (each
@@ -244,8 +253,10 @@ class SnellaConfig(SnellConfig):
     init_warmup: int = 0
     final_warmup: int = 0
     allocation_rounds: int = 100
+    dense_competition: bool = True
 
     init_property: ClassVar[str] = "none"  # distance kernel + alpha * softmax: non-zero at init
+    legacy_file_defaults: ClassVar[dict] = {"dense_competition": False}
 
     def validate(self) -> None:
         super().validate()
@@ -257,6 +268,7 @@ class SnellaConfig(SnellConfig):
             value = getattr(self, field)
             self._check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field, "an integer >= 0")
         self._check_int("allocation_rounds", minimum=1)
+        self._check(isinstance(self.dense_competition, bool), "dense_competition", "True or False")
 
     def training_callbacks(self, model, adapter_name: str) -> list:
         adapters = [layer.adapters[adapter_name] for _, layer in model.adapted_layers() if adapter_name in layer.adapters]

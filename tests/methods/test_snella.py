@@ -109,7 +109,7 @@ def test_bad_config(field, value):
 
 
 def test_zero_init_subtracts_the_kernel_at_initial_scalars():
-    model, reference = _model(zero_init=True, sparsity=0.0)
+    model, reference = _model(zero_init=True, sparsity=0.0, dense_competition=False)  # plain kernel at s = 0
     x = torch.randn(4, 24)
     torch.testing.assert_close(model(x), reference(x))
     a = _adapters(model)[0]
@@ -178,3 +178,33 @@ def test_training_allocation_resumes_identically(tmp_path):
     for a, b in zip(_adapters(straight), _adapters(resumed)):
         assert a.sparsity == b.sparsity
         torch.testing.assert_close(a.lora_In, b.lora_In)
+
+
+def test_competition_runs_at_sparsity_zero_as_the_reference():
+    """The reference's SNELLA.sparsify is applied at init_thres = 0 too: K * |K| above the smallest |K|."""
+    model, _ = _model()
+    a = _adapters(model)[1]
+    K = a.kernel(a.lora_In, a.lora_Out)
+    magnitude = K.detach().abs()
+    expected = K * magnitude * (magnitude > magnitude.min())
+    torch.testing.assert_close(a.sparse_kernel(), expected)
+    plain, _ = _model(dense_competition=False)
+    b = _adapters(plain)[1]
+    torch.testing.assert_close(b.sparse_kernel(), b.kernel(b.lora_In, b.lora_Out))
+
+
+def test_old_file_without_dense_competition_keeps_its_outputs(tmp_path):
+    import json
+
+    old, reference = _model(dense_competition=False)  # what the previous version computed at sparsity 0
+    x = torch.randn(4, 24)
+    expected = old(x)
+    old.save_adapter(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key in ("dense_competition", "allocation_rounds"):
+        del data[key]  # fields the previous version did not write
+    path.write_text(json.dumps(data))
+    loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
+    assert loaded.configs["default"].dense_competition is False
+    torch.testing.assert_close(loaded(x), expected)
