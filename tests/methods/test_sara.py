@@ -272,3 +272,24 @@ def test_method_callbacks_are_collected_only_for_trainable_sara(tmp_path):
     model.save_adapter(tmp_path)
     frozen = rankwise.load_adapter(copy.deepcopy(reference), tmp_path, is_trainable=False)
     assert method_callbacks(frozen) == []
+
+
+@pytest.mark.slow
+def test_cli_finetune_trains_sara_with_reselection(tmp_path):
+    """`rankwise finetune --method sara` is the paper's SaRA: the saved config records the re-selected supports."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+    from text_task import write_sentiment_csv, write_tiny_classifier
+
+    model_dir, data = write_tiny_classifier(tmp_path / "model"), write_sentiment_csv(tmp_path / "data.csv")
+    result = CliRunner().invoke(app, ["finetune", "--data", str(data), "--model", str(model_dir), "--train-size", "64",
+                                      "--test-size", "16", "--batch-size", "16", "--max-steps", "6", "--method", "sara",
+                                      "--targets", "query,value", "--option", "fraction=0.2",
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["selected_counts"], "the progressive re-selection did not run in rankwise finetune"
+    assert all(n > 0 for n, _ in saved["selected_counts"].values())

@@ -208,3 +208,22 @@ def test_old_file_without_dense_competition_keeps_its_outputs(tmp_path):
     loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
     assert loaded.configs["default"].dense_competition is False
     torch.testing.assert_close(loaded(x), expected)
+
+
+@pytest.mark.slow
+def test_cli_finetune_trains_snella_with_the_allocator(tmp_path):
+    """`rankwise finetune --method snella` runs the bi-level allocation: the saved layers have sparsities > 0."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+    from text_task import write_sentiment_csv, write_tiny_classifier
+
+    model_dir, data = write_tiny_classifier(tmp_path / "model"), write_sentiment_csv(tmp_path / "data.csv")
+    result = CliRunner().invoke(app, ["finetune", "--data", str(data), "--model", str(model_dir), "--train-size", "64",
+                                      "--test-size", "16", "--batch-size", "16", "--max-steps", "6", "--method", "snella",
+                                      "--rank", "4", "--targets", "query,value", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    tensors = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    sparsities = [float(v) for k, v in tensors.items() if k.endswith("layer_sparsity")]
+    assert sparsities and max(sparsities) > 0, "SNELLA trained dense through rankwise finetune"
