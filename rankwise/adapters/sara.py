@@ -289,7 +289,7 @@ class SaraTraining:
         with torch.enable_grad():
             penalty = self.config.lambda_rank * torch.linalg.matrix_norm(adapter.masked_values(), ord="nuc")
             penalty.backward()
-        self.last_penalty = float(penalty)
+        self.last_penalty = float(penalty.detach())
 
     def after_backward(self, state) -> None:
         """At the progressive step, re-select just before the optimizer step: the new values have no gradient, so
