@@ -84,13 +84,15 @@ def _cached_random_basis(seed: int, shape: tuple[int, ...], distribution: str) -
     return basis
 
 
-def random_basis(seed: int, shape: tuple[int, ...], distribution: str = "normal") -> torch.Tensor:
+def random_basis(seed: int, shape: tuple[int, ...], distribution: str = "normal", cache: bool = True) -> torch.Tensor:
     """A frozen random tensor regenerated from `(seed, shape)`; one shared copy per key.
 
     Random-basis methods (NOLA, RandLoRA, ...) never save these: they are rebuilt from the seed.
-    The returned tensor is shared: treat it as read-only.
+    The returned tensor is shared: treat it as read-only. `cache=False` skips the shared cache, for
+    keys used once (per-layer seeds), so the cache does not keep tensors alive after their model is gone.
     """
-    return _cached_random_basis(int(seed), tuple(int(s) for s in shape), distribution)
+    key = (int(seed), tuple(int(s) for s in shape), distribution)
+    return _cached_random_basis(*key) if cache else _cached_random_basis.__wrapped__(*key)
 
 
 @functools.lru_cache(maxsize=32)
@@ -128,14 +130,16 @@ def distance_kernel(left: torch.Tensor, right: torch.Tensor, coefficients: torch
     return torch.einsum("h,hio->io", coefficients.to(distances.dtype), distances)
 
 
-def competition_sparsify(matrix: torch.Tensor, sparsity: float, reweight: bool = True) -> torch.Tensor:
+def competition_sparsify(matrix: torch.Tensor, sparsity: float, reweight: bool = True, at_zero: bool = False) -> torch.Tensor:
     """Keep the entries above the `sparsity` quantile of |matrix| (about a (1 - sparsity) share survives).
 
     reweight=True is SNELL's competition: survivors are multiplied by their own (detached) magnitude, so the
     forward value is sign(K) K^2 and the gradient of each survivor is scaled by |K|. reweight=False is a plain
     mask. The threshold is recomputed from the current values on every call (no index tensor is stored).
+    sparsity = 0 returns the matrix as is, unless `at_zero` (SNELLA's reference code): then the threshold is the
+    smallest |entry| (quantile 0) and the survivors are still reweighted.
     """
-    if sparsity <= 0:
+    if sparsity <= 0 and not at_zero:
         return matrix
     magnitude = matrix.detach().abs()
     k = min(max(int(round(sparsity * magnitude.numel())), 1), magnitude.numel())

@@ -11,9 +11,14 @@
     delta_weight = s * B @ A   (rank <= r; zero at init because beta = 0)
 
 The bases, and the Kaiming-uniform offset A0 that lets training start (the official code's frozen
-`nn.Linear` weight), are regenerated on CPU from `(seed, shape)` with `rankwise.linalg.random_basis`,
-so layers of equal shape share one copy and the adapter file holds only the coefficients (the seed
-is in `adapter_config.json`). Bases are U(-1, 1) as in the official code.
+`nn.Linear` weight), are regenerated on CPU with `rankwise.linalg.random_basis`, so the adapter file holds
+only the coefficients (the seed is in `adapter_config.json`). Bases are U(-1, 1) as in the official code.
+
+Each layer searches its own random subspace, as in the official code (every `NOLALinear` draws its own
+seeds): the layer's seed is `derive_seed(seed, "nola-layer", module_name)` (a CRC32, identical in every
+process), so two layers of one shape get different bases. Files written before this (`per_layer_bases`
+absent from their config) used one set of bases per (seed, shape), shared by equal-shape layers; they
+load with that scheme and give their old outputs.
 """
 from __future__ import annotations
 
@@ -41,12 +46,15 @@ class NolaAdapter(Adapter):
         self.dropout = nn.Dropout(config.nola_dropout) if config.nola_dropout > 0 else nn.Identity()
         self.nola_alpha = nn.Parameter(torch.zeros(k))
         self.nola_beta = nn.Parameter(torch.zeros(l))
-        # Frozen, regenerated, never saved: keyed by (seed, shape) so equal-shape layers share one tensor.
-        seed = config.seed
-        offset = random_basis(derive_seed(seed, "nola-A0", r, in_f), (r, in_f), "uniform")
+        # Frozen, regenerated, never saved. Per-layer seeds: each layer its own bases (not cached: each key is used
+        # once). The legacy shared scheme keys them by (seed, shape), one cached tensor for equal-shape layers.
+        seed, shared_cache = config.layer_seed(module_name), not config.per_layer_bases
+        offset = random_basis(derive_seed(seed, "nola-A0", r, in_f), (r, in_f), "uniform", cache=shared_cache)
         self.register_buffer("offset_a", offset, persistent=False)  # scaled below via `offset_scale`
-        self.register_buffer("bases_a", random_basis(derive_seed(seed, "nola-A", k, r, in_f), (k, r, in_f), "uniform"), persistent=False)
-        self.register_buffer("bases_b", random_basis(derive_seed(seed, "nola-B", l, out_f, r), (l, out_f, r), "uniform"), persistent=False)
+        self.register_buffer("bases_a", random_basis(derive_seed(seed, "nola-A", k, r, in_f), (k, r, in_f), "uniform",
+                                                     cache=shared_cache), persistent=False)
+        self.register_buffer("bases_b", random_basis(derive_seed(seed, "nola-B", l, out_f, r), (l, out_f, r), "uniform",
+                                                     cache=shared_cache), persistent=False)
         self.offset_scale = 1.0 / math.sqrt(in_f)  # Kaiming-uniform(a=sqrt(5)) bound of an r x in weight
         self.coef_scale_a = 1.0 / math.sqrt(k)
         self.coef_scale_b = 1.0 / math.sqrt(l)
@@ -80,7 +88,10 @@ class NolaConfig(AdapterConfig):
         per layer is k + l. Defaults 256 / 256: the official GPT-2 scripts.
     nola_alpha: scale numerator (> 0), the update is multiplied by nola_alpha / r (official GPT-2: 2 with r = 8).
     nola_dropout: dropout on the adapter input, in [0, 1).
-    seed: integer >= 0 from which every basis is regenerated (per shape, on CPU: identical in every process).
+    seed: integer >= 0 from which every basis is regenerated (on CPU: identical in every process).
+    per_layer_bases: True (the official code): each layer draws its own bases from a seed derived from `seed` and
+        its module name. False: one set per (seed, shape), shared by equal-shape layers (files written before
+        this field existed; a file without the key loads as False, so it keeps its outputs).
     """
 
     r: int = 8
@@ -89,9 +100,11 @@ class NolaConfig(AdapterConfig):
     nola_alpha: float = 2.0
     nola_dropout: float = 0.0
     seed: int = 0
+    per_layer_bases: bool = True
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
     init_property: ClassVar[str] = "zero"
+    legacy_file_defaults: ClassVar[dict] = {"per_layer_bases": False}
 
     def validate(self) -> None:
         super().validate()
@@ -100,6 +113,11 @@ class NolaConfig(AdapterConfig):
         self._check(isinstance(self.nola_alpha, (int, float)) and self.nola_alpha > 0, "nola_alpha", "a number > 0")
         self._check(isinstance(self.nola_dropout, (int, float)) and 0 <= self.nola_dropout < 1, "nola_dropout", "a number in [0, 1)")
         self._check_int("seed", minimum=0)
+        self._check(isinstance(self.per_layer_bases, bool), "per_layer_bases", "True or False")
+
+    def layer_seed(self, module_name: str) -> int:
+        """The seed this layer's bases come from (stable across processes: a CRC32, not Python's `hash`)."""
+        return derive_seed(self.seed, "nola-layer", module_name) if self.per_layer_bases else self.seed
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
         self._check_layer_limit(module_name, base_layer, "r", self.r, min(base_layer.weight.shape), "the rank can be")

@@ -15,6 +15,14 @@ Progressive re-selection (`reselect`): recompute M = {|w_current| < tau} on the 
 that leave keep their trained value as a frozen sparse delta; the optimizer state is reset. The new support sizes
 go into `config.selected_counts`, so the saved adapter reloads exactly.
 Nuclear norm (`nuclear_norm_penalty`): lambda * ||P' (.) M||_* for one randomly drawn eligible 2-D layer per step.
+
+Both are part of training SaRA: `SaraTraining`, the callback `SaraConfig.training_callbacks` brings, so every
+run through `rankwise.train.loop.train` (and `rankwise finetune`) has them. At the start of each optimizer step
+it back-propagates the nuclear-norm term of one drawn layer into that layer's `values.grad` (a gradient, not a
+loss term: it works the same behind `transformers.Trainer`, where rankwise does not compute the loss, and it
+is clipped with the loss's gradient as in the reference); at the progressive step (half the run, as the
+reference's 2500 of 5005) it re-selects before the update: the new values have no gradient, so that step leaves
+them unchanged and the Adam state starts afresh, as in the reference.
 """
 from __future__ import annotations
 
@@ -227,15 +235,98 @@ def reselect(model, optimizer: torch.optim.Optimizer | None = None, adapter_name
     return counts
 
 
-def nuclear_norm_penalty(model, adapter_name: str = "default", generator: torch.Generator | None = None) -> torch.Tensor:
-    """lambda_rank * ||P' (.) M||_* for one randomly chosen eligible layer (min side > nuclear_min_size)."""
+def _draw_nuclear_layer(model, adapter_name: str, generator: torch.Generator | None) -> SaraAdapter | None:
     config = model.configs[adapter_name]
     eligible = [a for a in _sara_adapters(model, adapter_name)
                 if min(a.weight_shape[0], math.prod(a.weight_shape[1:])) > config.nuclear_min_size]
     if not eligible or config.lambda_rank == 0:
+        return None
+    return eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
+
+
+def nuclear_norm_penalty(model, adapter_name: str = "default", generator: torch.Generator | None = None) -> torch.Tensor:
+    """lambda_rank * ||P' (.) M||_* for one randomly chosen eligible layer (min side > nuclear_min_size)."""
+    adapter = _draw_nuclear_layer(model, adapter_name, generator)
+    if adapter is None:
         return torch.zeros(())
-    pick = int(torch.randint(len(eligible), (1,), generator=generator))
-    return config.lambda_rank * torch.linalg.matrix_norm(eligible[pick].masked_values(), ord="nuc")
+    return model.configs[adapter_name].lambda_rank * torch.linalg.matrix_norm(adapter.masked_values(), ord="nuc")
+
+
+class SaraTraining:
+    """The parts of SaRA's training beyond the loss, as a `rankwise.train.loop.Callback`:
+
+        on_step_start            values.grad += d/d values [lambda_rank * ||P' (.) M||_*]   (one drawn layer)
+        after_backward, once     reselect(model, optimizer): new support, fresh Adam state, no update that step
+
+    The drawn layer comes from a generator seeded once, saved in checkpoints with the re-selected supports, so a
+    resumed run continues identically. (The reference draws a layer per micro-batch; here one per optimizer step.)
+    """
+
+    def __init__(self, model, adapter_name: str = "default"):
+        from rankwise.linalg import seeded_generator, derive_seed
+
+        self.model, self.adapter_name = model, adapter_name
+        self.config = model.configs[adapter_name]
+        self.method_key = ("sara", adapter_name)
+        self.generator = seeded_generator(derive_seed(0, "sara-nuclear", adapter_name))
+        self.reselected = False
+        self.reselected_at: int | None = None
+        self.last_penalty = 0.0
+
+    def progressive_step(self, total_steps: int) -> int | None:
+        """Optimizer steps taken before the re-selection (None: no re-selection in a run of `total_steps`)."""
+        step = self.config.progressive_step
+        if step is None:
+            step = round(self.config.progressive_ratio * total_steps) if self.config.progressive_ratio > 0 else None
+        return step if step is not None and 0 < step < total_steps else None
+
+    def on_step_start(self, state) -> None:
+        """The nuclear-norm term of one drawn layer, back-propagated before the step's micro-batches: it joins the
+        step's gradient before clipping, as the reference's loss term does (the rankwise convention for regularisers)."""
+        adapter = _draw_nuclear_layer(self.model, self.adapter_name, self.generator)
+        if adapter is None or not adapter.values.requires_grad:
+            return
+        with torch.enable_grad():
+            penalty = self.config.lambda_rank * torch.linalg.matrix_norm(adapter.masked_values(), ord="nuc")
+            penalty.backward()
+        self.last_penalty = float(penalty.detach())
+
+    def after_backward(self, state) -> None:
+        """At the progressive step, re-select just before the optimizer step: the new values have no gradient, so
+        this step leaves them as selected and their Adam state starts afresh (the reference's no-update step)."""
+        target = self.progressive_step(state.total_steps)
+        if not self.reselected and target is not None and state.step >= target:
+            reselect(self.model, state.optimizer, self.adapter_name)
+            self.reselected, self.reselected_at = True, state.step
+
+    def state_dict(self) -> dict:
+        out = {"reselected": self.reselected, "reselected_at": self.reselected_at, "generator": self.generator.get_state()}
+        if self.reselected:  # the supports changed: a fresh model has the initial ones
+            for adapter in _sara_adapters(self.model, self.adapter_name):
+                for key in ("indices", "fixed_indices", "origin", "fixed_delta"):
+                    out[f"layer.{adapter.module_name}.{key}"] = getattr(adapter, key)
+        return out
+
+    def load_state_dict(self, data: dict, state) -> None:
+        self.generator.set_state(data["generator"].to(torch.uint8))
+        self.reselected, self.reselected_at = bool(data["reselected"]), data.get("reselected_at")
+        if not self.reselected:
+            return
+        swapped = {}
+        for adapter in _sara_adapters(self.model, self.adapter_name):
+            prefix = f"layer.{adapter.module_name}."
+            device = adapter.values.device
+            for key in ("indices", "fixed_indices", "origin", "fixed_delta"):
+                setattr(adapter, key, data[prefix + key].to(device))
+            old = adapter.values
+            # values themselves come from the checkpoint's model tensors, loaded after the callbacks
+            adapter.values = nn.Parameter(torch.zeros(adapter.indices.numel(), dtype=old.dtype, device=device),
+                                          requires_grad=old.requires_grad)
+            swapped[id(old)] = adapter.values
+            self.config.selected_counts[adapter.module_name] = [int(adapter.indices.numel()), int(adapter.fixed_indices.numel())]
+        for group in state.optimizer.param_groups:
+            group["params"] = [swapped.get(id(p), p) for p in group["params"]]
+        state.optimizer.state.clear()
 
 
 @register("sara", adapter=SaraAdapter, family="sparse", paper="2409.06633")
@@ -246,15 +337,24 @@ class SaraConfig(AdapterConfig):
     threshold: entries with |w| < threshold are trainable (reference default 2e-3, tuned for Stable Diffusion).
     fraction: if set, overrides `threshold` per layer: the `fraction` smallest-|w| entries are trainable
         (the paper's "10-20 % least effective parameters"), in (0, 1].
-    lambda_rank: weight of the nuclear-norm penalty (`nuclear_norm_penalty`), >= 0 (reference 5e-4).
+    lambda_rank: weight of the nuclear-norm penalty (`nuclear_norm_penalty`), >= 0 (reference 5e-4; 0 turns it off).
     nuclear_min_size: only layers whose smaller side exceeds this are penalised (reference 64).
+    progressive_ratio: the progressive re-selection happens after this share of the run's optimizer steps, in
+        [0, 1) (reference 2500 of 5005 steps: 0.5; 0 turns it off).
+    progressive_step: if set, the re-selection happens after exactly this many optimizer steps (the reference's
+        `progressive_iter`), overriding `progressive_ratio`; an integer >= 1.
     selected_counts: written by `reselect` ({module: [trainable, frozen-delta]}); leave empty.
+
+    Training through `rankwise.train.loop.train` / `rankwise finetune` runs both the penalty and the
+    re-selection (`SaraTraining`); they change how SaRA trains, not what a saved file computes.
     """
 
     threshold: float = 2e-3
     fraction: float | None = None
     lambda_rank: float = 5e-4
     nuclear_min_size: int = 64
+    progressive_ratio: float = 0.5
+    progressive_step: int | None = None
     selected_counts: dict = dataclasses.field(default_factory=dict)
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear", "conv")
@@ -267,9 +367,16 @@ class SaraConfig(AdapterConfig):
                     "fraction", "None or a number in (0, 1]")
         self._check(isinstance(self.lambda_rank, (int, float)) and self.lambda_rank >= 0, "lambda_rank", "a number >= 0")
         self._check(isinstance(self.nuclear_min_size, int) and self.nuclear_min_size >= 0, "nuclear_min_size", "an integer >= 0")
+        self._check(isinstance(self.progressive_ratio, (int, float)) and 0 <= self.progressive_ratio < 1,
+                    "progressive_ratio", "a number in [0, 1) (0: no re-selection)")
+        self._check_int("progressive_step", minimum=1, allow_none=True)
         self._check(isinstance(self.selected_counts, dict) and all(
             isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(n, int) and n >= 0 for n in v)
             for v in self.selected_counts.values()), "selected_counts", "a dict {module: [n_trainable, n_frozen]}")
+
+    def training_callbacks(self, model, adapter_name: str) -> list:
+        trainable = any(a.values.requires_grad for a in _sara_adapters(model, adapter_name))
+        return [SaraTraining(model, adapter_name)] if trainable else []
 
     def layer_threshold(self, flat_weight: torch.Tensor) -> float:
         if self.fraction is None:

@@ -57,13 +57,16 @@ class SnellAdapter(Adapter):
         """The (in x out) kernel matrix of two factor tensors (before sparsification)."""
         return distance_kernel(left, right, self.coefficients)
 
+    def sparsify(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The competition inside the layer (SNELLA widens it to sparsity 0)."""
+        return competition_sparsify(matrix, self.sparsity, self.config.competition == "magnitude")
+
     def sparse_kernel(self) -> torch.Tensor:
         """K_s (in x out): the sparsified update in input-major layout."""
-        reweight = self.config.competition == "magnitude"
-        update = competition_sparsify(self.kernel(self.lora_In, self.lora_Out), self.sparsity, reweight)
+        update = self.sparsify(self.kernel(self.lora_In, self.lora_Out))
         if self.config.zero_init:
             with torch.no_grad():  # only the constant is computed without a graph: the difference must keep it
-                initial = competition_sparsify(self.initial_kernel(), self.sparsity, reweight)
+                initial = self.sparsify(self.initial_kernel())
             update = update - initial
         return update
 

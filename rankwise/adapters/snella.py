@@ -3,7 +3,8 @@
 
     D = sum_h c_h ||In[h, i] - Out[h, o]||_2                 (in x out, as SNELL)
     K = D + alpha * softmax(D / gamma, over out) + beta      (alpha = 1, gamma = 1, beta = 0 at init; trainable)
-    K_s = K * |K|.detach() * 1[|K| > quantile(|K|, s_l)]     (competition inside a layer, as SNELL)
+    K_s = K * |K|.detach() * 1[|K| > quantile(|K|, s_l)]     (competition inside a layer, as SNELL; also at s_l = 0,
+                                                              as the reference's SNELLA.sparsify: `dense_competition`)
 
     x ── W ───────────────────────┐
     └── dropout ── @ K_s ─────────┴─(+)── y          delta_weight = K_s^T
@@ -12,6 +13,13 @@ Bi-level competition: inside a layer, entries compete by |K| (the quantile thres
 `SnellaAllocator` splits a global non-zero budget V(t) (cubic schedule from (1 - sparsity) to (1 - target_ratio)
 of all entries) by layer importance: AdaLoRA's EMA of |theta * grad| times its uncertainty, averaged over each
 layer's factors. Each layer's sparsity s_l is a saved buffer, so an allocated adapter reloads exactly.
+
+The allocation is part of training SNELLA: `SnellaTraining`, the callback `SnellaConfig.training_callbacks`
+brings, runs it in every `rankwise.train.loop.train` / `rankwise finetune` run. The reference allocates at the
+start of each of its 100 epochs (`alloc_epoch` = `epochs` = 100) and updates the importance after every step;
+here the run is cut into `allocation_rounds` (default 100) rounds of optimizer steps, so a short run follows the
+same schedule: dense (`sparsity` = 0, the reference's `init_thres`) at round 0, then a cubic decline of the
+budget to (1 - `target_ratio`) = 70 % non-zeros on average, split over the layers by importance.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from torch import nn
 
 from rankwise.adapters.snell import SnellAdapter, SnellConfig
 from rankwise.core.registry import register
-from rankwise.linalg import distance_kernel
+from rankwise.linalg import competition_sparsify, distance_kernel
 
 
 class SnellaAdapter(SnellAdapter):
@@ -47,6 +55,11 @@ class SnellaAdapter(SnellAdapter):
 
     def initial_kernel(self) -> torch.Tensor:
         return self.kernel(self.initial_In, self.initial_Out, alpha=1.0, gamma=1.0, beta=0.0)  # the init values
+
+    def sparsify(self, matrix: torch.Tensor) -> torch.Tensor:
+        # The reference's SNELLA.sparsify runs at every sparsity, 0 included: K * |K| above quantile(|K|, s).
+        return competition_sparsify(matrix, self.sparsity, self.config.competition == "magnitude",
+                                    at_zero=self.config.dense_competition)
 
 
 def cubic_budget(step: int, total_steps: int, v_init: float, v_target: float,
@@ -155,6 +168,65 @@ class SnellaAllocator:
         return sparsities
 
 
+class SnellaTraining:
+    """SNELLA's bi-level competition during training, as a `rankwise.train.loop.Callback`:
+
+        after each backward            importance EMAs from |theta * grad| of every layer's factors
+        entering allocation round k    (k = floor(step * rounds / total_steps), k > init_warmup)
+                                       every layer's sparsity <- the allocator's split of the budget V(k)
+
+    The importance is read before the optimizer step (the reference reads it after, with the updated factors;
+    the gradients are the same). Layer sparsities and the EMAs are saved in checkpoints, so a resumed run
+    continues identically.
+    """
+
+    def __init__(self, model, adapter_name: str = "default"):
+        self.model, self.adapter_name = model, adapter_name
+        self.config = model.configs[adapter_name]
+        self.method_key = ("snella", adapter_name)
+        self.allocator = SnellaAllocator(model, total_epochs=self.config.allocation_rounds, adapter_name=adapter_name)
+        self.round = 0  # the allocation round the sparsities were last set for
+        self.history: list[dict] = []
+
+    def round_at(self, step: int, total_steps: int) -> int:
+        return min(self.config.allocation_rounds - 1, step * self.config.allocation_rounds // max(total_steps, 1))
+
+    def on_step_start(self, state) -> None:
+        current = self.round_at(state.step, state.total_steps)
+        if current > self.round:
+            self.round = current
+            if current > self.config.init_warmup:  # the reference keeps the initial sparsity during the warm-up
+                sparsities = self.allocator.allocate(current)
+                self.history.append({"step": state.step, "round": current, "mean_sparsity": sum(sparsities) / len(sparsities)})
+
+    def after_backward(self, state) -> None:
+        self.allocator.update_importance()
+
+    def _factors(self):
+        for adapter in self.allocator.adapters:
+            yield adapter, ("In", adapter.lora_In), ("Out", adapter.lora_Out)
+
+    def state_dict(self) -> dict:
+        out = {"round": self.round}
+        for adapter, *factors in self._factors():
+            out[f"layer.{adapter.module_name}.sparsity"] = adapter.layer_sparsity.detach().clone()
+            for tag, p in factors:
+                if id(p) in self.allocator.ema:
+                    out[f"layer.{adapter.module_name}.{tag}.ema"] = self.allocator.ema[id(p)]
+                    out[f"layer.{adapter.module_name}.{tag}.uncertainty"] = self.allocator.uncertainty[id(p)]
+        return out
+
+    def load_state_dict(self, data: dict, state) -> None:
+        self.round = int(data["round"])
+        for adapter, *factors in self._factors():
+            prefix = f"layer.{adapter.module_name}."
+            adapter.layer_sparsity.copy_(data[prefix + "sparsity"])
+            for tag, p in factors:
+                if prefix + f"{tag}.ema" in data:
+                    self.allocator.ema[id(p)] = data[prefix + f"{tag}.ema"].to(p.device)
+                    self.allocator.uncertainty[id(p)] = data[prefix + f"{tag}.uncertainty"].to(p.device)
+
+
 @register("snella", adapter=SnellaAdapter, family="sparse (kernelised low-rank)", paper="2510.24037")
 @dataclasses.dataclass
 class SnellaConfig(SnellConfig):
@@ -164,7 +236,14 @@ class SnellaConfig(SnellConfig):
     plus:
     target_ratio: average sparsity the budget schedule ends at (reference 0.3: 70 % non-zeros), in [0, 1).
     beta1, beta2: EMA factors of importance and uncertainty (reference 0.85), in [0, 1).
-    init_warmup, final_warmup: epochs at the start / end with a constant budget (reference 0), >= 0.
+    init_warmup, final_warmup: allocation rounds at the start / end with a constant budget (reference 0 epochs), >= 0.
+    dense_competition: True (the reference's SNELLA): the magnitude competition runs at sparsity 0 too (K * |K|
+        above the smallest |K|); False: at sparsity 0 the kernel is used as is (files written before this field
+        existed, which load as False and keep their outputs).
+    allocation_rounds: how many times the budget is re-allocated over a training run (>= 1; the reference
+        allocates at each of its 100 epochs: 100). Training through `rankwise.train.loop.train` runs the
+        allocator (`SnellaTraining`); it changes how SNELLA trains, not what a saved file computes (each
+        layer's sparsity is in the file).
     """
 
     sparsity: float = 0.0
@@ -173,8 +252,11 @@ class SnellaConfig(SnellConfig):
     beta2: float = 0.85
     init_warmup: int = 0
     final_warmup: int = 0
+    allocation_rounds: int = 100
+    dense_competition: bool = True
 
     init_property: ClassVar[str] = "none"  # distance kernel + alpha * softmax: non-zero at init
+    legacy_file_defaults: ClassVar[dict] = {"dense_competition": False}
 
     def validate(self) -> None:
         super().validate()
@@ -185,3 +267,10 @@ class SnellaConfig(SnellConfig):
         for field in ("init_warmup", "final_warmup"):
             value = getattr(self, field)
             self._check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field, "an integer >= 0")
+        self._check_int("allocation_rounds", minimum=1)
+        self._check(isinstance(self.dense_competition, bool), "dense_competition", "True or False")
+
+    def training_callbacks(self, model, adapter_name: str) -> list:
+        adapters = [layer.adapters[adapter_name] for _, layer in model.adapted_layers() if adapter_name in layer.adapters]
+        trainable = any(a.lora_In.requires_grad for a in adapters if isinstance(a, SnellaAdapter))
+        return [SnellaTraining(model, adapter_name)] if trainable else []

@@ -160,6 +160,9 @@ class AdapterConfig(metaclass=_ConfigMeta):
     rank_field: ClassVar[str | None] = "r"
     # PEFT-only options with the value meaning "feature off"; written to the JSON so PEFT sees a full config.
     peft_neutral_fields: ClassVar[dict[str, Any]] = {}
+    # Values assumed for fields a file lacks because it was written before the field existed, where the new
+    # default would change what the old file computes (e.g. NOLA's per-layer bases): {field: old behaviour}.
+    legacy_file_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -207,6 +210,16 @@ class AdapterConfig(metaclass=_ConfigMeta):
                 f"{type(self).__name__}.{field}={value} is too large for {module_name!r} "
                 f"(weight {tuple(base_layer.weight.shape)}): {what} at most {limit}. Lower {field}, or exclude this module."
             )
+
+    def training_callbacks(self, model, adapter_name: str) -> list[Any]:
+        """Hook: the training callbacks (`rankwise.train.loop.Callback`) that are part of this method.
+
+        A method whose paper trains with more than the loss (SaRA's nuclear norm and re-selection, SNELLA's
+        sparsity allocation) returns them here; `rankwise.train.loop.train` collects them from every active
+        adapter of the model it trains (`method_callbacks`), so `rankwise finetune`, the loop and the Trainer
+        bridge all run them. Most methods bring none.
+        """
+        return []
 
     def check_layer(self, module_name: str, base_layer, kind: str) -> None:
         """Hook: raise `ConfigError` if the config cannot adapt this layer (e.g. rank larger than the layer).
@@ -265,6 +278,8 @@ class AdapterConfig(metaclass=_ConfigMeta):
             if strict:
                 raise ConfigError(message)
             warnings.warn(message + " Dropped.", stacklevel=2)
+        for key, value in target.legacy_file_defaults.items():
+            kwargs.setdefault(key, value)  # a file older than the field: keep the behaviour it was trained with
         return target(**kwargs)
 
     def to_json(self) -> str:

@@ -11,6 +11,10 @@ Hook mapping (the rankwise loop calls its hooks in the same order as the Trainer
     on_step_end       on_step_end             (after optimizer.step, scheduler.step, zero_grad)
     on_eval           on_evaluate
 
+A method that brings its own callbacks (SaRA, SNELLA: `rankwise.train.loop.method_callbacks`) needs them here
+too, since the Trainer does not know about rankwise methods: add `*method_bridges(model)` to the Trainer's
+callbacks.
+
 The callback sees the same `TrainState` fields it sees in the rankwise loop (model, optimizer,
 scheduler, step, epoch, total_steps). Parameter groups it adds through `rankwise.train.loop.add_param_group`
 reach the Trainer's optimizer and schedule, provided the Trainer's schedule is a `LambdaLR` built by
@@ -57,6 +61,14 @@ class TrainerBridge(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self._hook("on_eval", state, kwargs, dict(metrics or {}))
+
+
+def method_bridges(model) -> list[TrainerBridge]:
+    """One `TrainerBridge` per callback the model's methods bring (SaRA's nuclear norm and re-selection, SNELLA's
+    allocation): `Trainer(..., callbacks=[*method_bridges(model)])` trains those methods as `rankwise finetune` does."""
+    from rankwise.train.loop import method_callbacks
+
+    return [TrainerBridge(cb) for cb in method_callbacks(model)]
 
 
 def bridge_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int = 0):

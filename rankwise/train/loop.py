@@ -10,6 +10,12 @@ step, `on_step_end`), so a callback behaves the same here and behind `rankwise.t
 Training procedures (ALLoRA, IncreLoRA, ...) are `Callback`s; they may change the model and the
 optimizer in `on_step_end`, between optimizer steps.
 
+A method can bring its own callbacks: where a paper's training is more than the loss (SaRA's nuclear norm
+and progressive re-selection, SNELLA's sparsity allocation), the method's config returns them from
+`training_callbacks(model, adapter_name)`, and `train` adds them for every active adapter of the model
+(`method_callbacks`), after the ones it is given. So `rankwise finetune`, a direct `train(...)` and the
+Trainer bridge (`rankwise.train.hf.method_bridges`) all run the method as its paper trains it.
+
 Checkpoints (`<output_dir>/checkpoint-<step>/`) hold safetensors for tensors and JSON for scalars
 (model, optimizer, schedule, RNG, callbacks); `resume_from=` continues a run to the same parameters
 an uninterrupted run with the same seed reaches.
@@ -162,6 +168,30 @@ def _call(callbacks: Iterable[Any], hook: str, *args) -> None:
             fn(*args)
 
 
+def method_callbacks(model: torch.nn.Module) -> list[Any]:
+    """The callbacks the methods of `model`'s active adapters bring (`AdapterConfig.training_callbacks`).
+
+    `model` is an `AdaptedModel` or a module holding one (a wrapper adding a loss); any other model has none.
+    A method whose adapter is not trainable (loaded with `is_trainable=False`) gets none.
+    """
+    from rankwise.core.model import AdaptedModel
+
+    adapted = model if isinstance(model, AdaptedModel) else next(
+        (m for m in model.modules() if isinstance(m, AdaptedModel)), None)
+    if adapted is None:
+        return []
+    found = []
+    for name in list(adapted.active_adapters):
+        found.extend(adapted.configs[name].training_callbacks(adapted, name))
+    return found
+
+
+def _with_method_callbacks(model, callbacks: list[Any]) -> list[Any]:
+    # A callback the caller built itself for the same method and adapter replaces the automatic one.
+    given = {getattr(cb, "method_key", None) for cb in callbacks} - {None}
+    return callbacks + [cb for cb in method_callbacks(model) if getattr(cb, "method_key", None) not in given]
+
+
 def build_optimizer(model, config: TrainConfig, param_groups, total_steps: int):
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if not any(p.requires_grad for g in groups for p in g["params"]):
@@ -203,6 +233,7 @@ def train(
     resume_from: str | Path | None = None,
     stop_after: int | None = None,
     data_parallel: "DataParallel | None" = None,
+    with_method_callbacks: bool = True,
 ) -> TrainState:
     """Train `model`. `batches(epoch)` returns that epoch's list of batches; it must give the same list for
     the same epoch every time (shuffle with a seed derived from the epoch) so that a resumed run sees the same data.
@@ -215,10 +246,14 @@ def train(
     `data_parallel`: a `rankwise.train.distributed.DataParallel` (one per process). `batches(epoch)` then still
     returns the *global* batches (identical on every rank); each rank trains on its shard of rows, the
     trainable gradients are averaged over the ranks before clipping, and only rank 0 writes files or shows progress.
+    `with_method_callbacks`: add the callbacks the model's methods bring (`method_callbacks`: SaRA, SNELLA);
+    False trains on the loss alone (not the paper's method for those).
     """
     from rankwise.train import checkpoint as ckpt
 
     callbacks = list(callbacks)
+    if with_method_callbacks:
+        callbacks = _with_method_callbacks(model, callbacks)
     if config.checkpoint_every and output_dir is None:
         raise ConfigError("TrainConfig.checkpoint_every is set but train(output_dir=None): give an output_dir for the checkpoints")
     seed_everything(config.seed)

@@ -109,10 +109,121 @@ def test_bad_config(field, value):
 
 
 def test_zero_init_subtracts_the_kernel_at_initial_scalars():
-    model, reference = _model(zero_init=True, sparsity=0.0)
+    model, reference = _model(zero_init=True, sparsity=0.0, dense_competition=False)  # plain kernel at s = 0
     x = torch.randn(4, 24)
     torch.testing.assert_close(model(x), reference(x))
     a = _adapters(model)[0]
     with torch.no_grad():
         a.beta.fill_(0.05)  # a moved beta is a real change, not cancelled by the subtracted initial kernel
     torch.testing.assert_close(a.delta_weight(None), torch.full((20, 24), 0.05), atol=1e-6, rtol=0)
+
+
+# ---- the bi-level competition runs whenever train() trains SNELLA ----
+
+def _batches(n=20):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 24, generator=gen), torch.randn(8, 12, generator=gen)) for _ in range(n)]
+
+
+def _config(**kw):
+    from rankwise.train.loop import TrainConfig
+
+    return TrainConfig(epochs=1, lr=1e-2, schedule="constant", warmup_ratio=0.0, **kw)
+
+
+def _loss(m, b):
+    return (m(b[0]) - b[1]).pow(2).mean()
+
+
+def test_defaults_start_dense_and_end_at_the_reference_target():
+    config = rankwise.SnellaConfig(target_modules=["x"])
+    assert (config.sparsity, config.target_ratio, config.beta1, config.beta2, config.allocation_rounds) == (0.0, 0.3, 0.85, 0.85, 100)
+
+
+def test_training_runs_the_allocator_to_the_target_budget(tmp_path):
+    from rankwise.train.loop import train
+
+    model, reference = _model()
+    batches = _batches(20)
+    state = train(model, lambda e: batches, _loss, _config(), progress=False)
+    adapters = _adapters(model)
+    sparsities = [a.sparsity for a in adapters]
+    caps = [a.lora_In.shape[1] * a.lora_Out.shape[1] for a in adapters]
+    assert max(sparsities) > 0, "SNELLA trained dense: the allocator did not run"
+    assert len({round(s, 4) for s in sparsities}) > 1, "the layers compete for the budget: their sparsities differ"
+    kept = sum((1 - s) * c for s, c in zip(sparsities, caps)) / sum(caps)
+    # the last allocation (round 95 of 100 in 20 steps) is within (0.05)^3 of the target's 70 % non-zeros
+    assert kept == pytest.approx(0.7, abs=2e-3)
+    for adapter, s, cap in zip(adapters, sparsities, caps):
+        share = torch.count_nonzero(adapter.delta_weight(None)).item() / cap
+        assert abs(share - (1 - s)) <= 1 / cap + 1e-9
+    assert state.step == 20
+    x = torch.randn(4, 24)
+    model.save_adapter(tmp_path)
+    loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
+    torch.testing.assert_close(loaded(x), model(x))  # the allocated sparsities are in the file
+
+
+def test_training_allocation_resumes_identically(tmp_path):
+    from rankwise.train.loop import train
+
+    batches = _batches(10)
+    straight, _ = _model()
+    train(straight, lambda e: batches, _loss, _config(), progress=False)
+    first, _ = _model()
+    config = _config(checkpoint_every=4)
+    train(first, lambda e: batches, _loss, config, progress=False, output_dir=tmp_path, stop_after=5)
+    resumed, _ = _model()
+    train(resumed, lambda e: batches, _loss, config, progress=False, output_dir=tmp_path, resume_from="latest")
+    for a, b in zip(_adapters(straight), _adapters(resumed)):
+        assert a.sparsity == b.sparsity
+        torch.testing.assert_close(a.lora_In, b.lora_In)
+
+
+def test_competition_runs_at_sparsity_zero_as_the_reference():
+    """The reference's SNELLA.sparsify is applied at init_thres = 0 too: K * |K| above the smallest |K|."""
+    model, _ = _model()
+    a = _adapters(model)[1]
+    K = a.kernel(a.lora_In, a.lora_Out)
+    magnitude = K.detach().abs()
+    expected = K * magnitude * (magnitude > magnitude.min())
+    torch.testing.assert_close(a.sparse_kernel(), expected)
+    plain, _ = _model(dense_competition=False)
+    b = _adapters(plain)[1]
+    torch.testing.assert_close(b.sparse_kernel(), b.kernel(b.lora_In, b.lora_Out))
+
+
+def test_old_file_without_dense_competition_keeps_its_outputs(tmp_path):
+    import json
+
+    old, reference = _model(dense_competition=False)  # what the previous version computed at sparsity 0
+    x = torch.randn(4, 24)
+    expected = old(x)
+    old.save_adapter(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key in ("dense_competition", "allocation_rounds"):
+        del data[key]  # fields the previous version did not write
+    path.write_text(json.dumps(data))
+    loaded = rankwise.load_adapter(copy.deepcopy(reference), tmp_path)
+    assert loaded.configs["default"].dense_competition is False
+    torch.testing.assert_close(loaded(x), expected)
+
+
+@pytest.mark.slow
+def test_cli_finetune_trains_snella_with_the_allocator(tmp_path):
+    """`rankwise finetune --method snella` runs the bi-level allocation: the saved layers have sparsities > 0."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+    from text_task import write_sentiment_csv, write_tiny_classifier
+
+    model_dir, data = write_tiny_classifier(tmp_path / "model"), write_sentiment_csv(tmp_path / "data.csv")
+    result = CliRunner().invoke(app, ["finetune", "--data", str(data), "--model", str(model_dir), "--train-size", "64",
+                                      "--test-size", "16", "--batch-size", "16", "--max-steps", "6", "--method", "snella",
+                                      "--rank", "4", "--targets", "query,value", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    tensors = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    sparsities = [float(v) for k, v in tensors.items() if k.endswith("layer_sparsity")]
+    assert sparsities and max(sparsities) > 0, "SNELLA trained dense through rankwise finetune"

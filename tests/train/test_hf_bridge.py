@@ -119,3 +119,36 @@ def test_bridge_maps_evaluation_and_trainer_state():
     TrainerBridge(OnEval()).on_evaluate(None, TrainerState(global_step=3, max_steps=10, epoch=1.5), None,
                                         metrics={"eval_loss": 0.5}, model=model)
     assert seen == {"step": 3, "total": 10, "epoch": 1, "metrics": {"eval_loss": 0.5}, "model": model}
+
+
+def test_method_callbacks_reach_the_trainer_through_method_bridges(tmp_path):
+    """SaRA's own callback (nuclear norm + re-selection) runs inside transformers.Trainer as in our loop."""
+    import rankwise
+    from rankwise.train.hf import method_bridges
+    from rankwise.train.loop import method_callbacks
+    from toy_models import MLP
+
+    def sara_mlp():
+        torch.manual_seed(3)
+        return rankwise.adapt(MLP(), rankwise.SaraConfig(fraction=0.2, lambda_rank=0.05, nuclear_min_size=8,
+                                                         target_modules=["lin0", "lin1"]))
+
+    x, y = task(32)
+    ours = run_rankwise(x, y, object(), build=sara_mlp)  # train() adds SaRA's callback by itself
+    model = sara_mlp()
+    bridges = method_bridges(model)
+    assert [type(b.callback).__name__ for b in bridges] == [type(cb).__name__ for cb in method_callbacks(model)] == ["SaraTraining"]
+    steps = 2 * len(x) // 8
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2,
+                             learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1.0, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    trainer = SequentialTrainer(model=WithLoss(model), args=args, callbacks=bridges,
+                                train_dataset=[{"x": x[i], "labels": y[i]} for i in range(len(x))],
+                                optimizers=(optimizer, bridge_scheduler(optimizer, "linear", steps, int(0.25 * steps))))
+    trainer.train()
+    assert bridges[0].callback.reselected_at == 4  # half of the 8 steps, as in the loop
+    assert model.configs["default"].selected_counts == ours.configs["default"].selected_counts != {}
+    theirs = dict(model.named_parameters())
+    for name, tensor in trainable(ours).items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=1e-6)
