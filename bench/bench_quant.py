@@ -46,7 +46,7 @@ def load(variant: str):
     return model, report
 
 
-def run_variant(variant: str, batch: int, seq: int, steps: int) -> dict:
+def run_variant(variant: str, batch: int, seq: int, steps: int, checkpointing: bool = False) -> dict:
     torch.set_num_threads(1)
     import rankwise
 
@@ -57,6 +57,9 @@ def run_variant(variant: str, batch: int, seq: int, steps: int) -> dict:
         model, report = load(variant)
     rss_loaded = rss_mib()
     peak_load = peak_rss_mib()
+    if checkpointing:  # activations are most of the peak at B=4, T=256: QLoRA pairs the quantized base with this
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     adapted = rankwise.adapt(model, rankwise.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     adapted.train()
     opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
@@ -77,7 +80,7 @@ def run_variant(variant: str, batch: int, seq: int, steps: int) -> dict:
         "variant": variant, "rss_after_imports_mib": rss_imports, "rss_after_load_mib": rss_loaded,
         "peak_rss_load_mib": peak_load, "peak_rss_train_mib": peak_rss_mib(),
         "peak_rss_process_mib": max(peak_load, peak_rss_mib()), "step_seconds_median": step,
-        "tokens_per_s": batch * seq / step, "losses": losses, "quant_report": report,
+        "tokens_per_s": batch * seq / step, "losses": losses, "quant_report": report, "gradient_checkpointing": checkpointing,
     }
 
 
@@ -103,20 +106,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="quant_smollm2")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (fp32 is required for ratios)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (every variant)")
+    parser.add_argument("--allocators", default="glibc-default,mmap-threshold-128k", help="comma-separated subset")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.batch, args.seq, args.steps)), flush=True)
+        print(json.dumps(run_variant(args.variant, args.batch, args.seq, args.steps, args.gradient_checkpointing)), flush=True)
         return
     # glibc's default heap keeps freed holes that later large allocations cannot reuse, so peak RSS also
     # measures fragmentation; a fixed mmap threshold returns every large tensor to the OS when it is freed,
     # so the second setting shows what the tensors themselves hold.
     allocators = {"glibc-default": {}, "mmap-threshold-128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+    allocators = {name: allocators[name] for name in args.allocators.split(",")}
     rows: dict[str, dict] = {}
     for alloc, env in allocators.items():
         rows[alloc] = {}
         for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--steps", str(args.steps)]
+                   "--steps", str(args.steps), *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
             lines = (out.stdout if out.returncode == 0 else out.stderr).strip().splitlines() or ["no output"]
             row = json.loads(lines[-1]) if out.returncode == 0 else {"variant": variant, "error": lines[-1]}
@@ -129,7 +135,8 @@ def main() -> None:
                 row["static_rss_x_fp32"] = row["rss_after_load_mib"] / fp32["rss_after_load_mib"]
                 row["time_x_fp32"] = row["step_seconds_median"] / fp32["step_seconds_median"]
     payload = {"model": "SmolLM2-135M-Instruct", "adapter": "LoRA r16 alpha 32 on q,k,v,o,gate,up,down",
-               "batch": args.batch, "seq": args.seq, "steps": args.steps, "machine": machine(), "rows": rows}
+               "batch": args.batch, "seq": args.seq, "steps": args.steps,
+               "gradient_checkpointing": args.gradient_checkpointing, "machine": machine(), "rows": rows}
     print(write_json(args.out, payload))
 
 
