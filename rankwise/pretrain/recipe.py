@@ -55,7 +55,7 @@ class PretrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1
-    grad_clip: float = 0.0             # 0: no clipping (per-layer mode cannot clip over all parameters)
+    grad_clip: float = 0.0             # 0: no clipping (per-layer mode clips through attach_to_backward)
     eval_every: int = 50
     eval_batches: int = 8
     val_fraction: float = 0.05
@@ -88,8 +88,6 @@ class PretrainConfig:
         check_field(self.sparsity is None or 0 < self.sparsity < 1, name, "sparsity", self.sparsity, "a float in (0, 1)")
         check_field(not self.per_layer or self.method in ("galore", "dct"), name, "per_layer", self.per_layer,
                     "False unless method is 'galore' or 'dct'")
-        check_field(not (self.per_layer and self.grad_clip > 0), name, "grad_clip", self.grad_clip,
-                    "0 with per_layer=True (per-layer updates cannot clip the global norm)")
 
     @property
     def effective_lr(self) -> float:
@@ -260,7 +258,8 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, text: st
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(config.steps, config.warmup_ratio, config.min_lr_ratio))
-    hooks = optimizer.attach_to_backward() if config.per_layer else None
+    hooks = (optimizer.attach_to_backward(max_grad_norm=config.grad_clip or None)  # clipped inside step()
+             if config.per_layer else None)
     generator = torch.Generator().manual_seed(config.seed)
     tokens_per_step = config.batch_size * config.seq_len
     curve, step_times, train_losses = [], [], []
@@ -274,7 +273,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, text: st
             tick = time.perf_counter()
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
-            if config.grad_clip > 0:
+            if config.grad_clip > 0 and not config.per_layer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
