@@ -232,7 +232,7 @@ def compose(content_dir, style_dir, output_dir) -> dict:
                                       "(trained with another seed or basis?): composition needs identical frozen blocks")
         fused[key] = content[key] if key.endswith(".A_train") else tensor
     output_dir = Path(output_dir)
-    config = dataclasses.replace(style_cfg, role="joint").to_dict()
+    config = dataclasses.replace(style_cfg, role="joint", partner_data=None, init_from=None).to_dict()  # training-only
     config["inference_mode"] = True
     with atomic_directory(output_dir) as stage:  # config and weights swap in together
         atomic_write(stage / WEIGHTS_NAME, lambda tmp: save_file(fused, tmp, metadata={"format": "pt"}))

@@ -111,6 +111,6 @@ class RiemannianAdamW(torch.optim.AdamW):
 # The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
 CATALOG = (
     {"name": "riemannian-adamw", "paper": "2402.02347",
-     "runs": "rankwise finetune --method b4m -o role=joint; rankwise.optim.RiemannianAdamW",
+     "runs": "rankwise finetune --method b4m --option role=joint; rankwise.optim.RiemannianAdamW",
      "summary": "Riemannian-preconditioned AdamW for LoRA factor pairs (B4M's stage-2 optimizer)"},
 )
