@@ -256,7 +256,8 @@ class PartnerLosses:
     l_2 = (1/K) sum_k loss_fn(model, batch of partner k) to the partner block (`B4mAdapter.partner_block`).
 
     partner_batches: K functions `epoch -> list of batches` (like `train(batches=...)`); optimizer step t takes batch
-        t mod n of pass t // n of each partner, so a resumed run sees the same partner batches.
+        t mod n of pass t // n of each partner, so a resumed run sees the same partner batches (one partner batch
+        per optimizer step, also with gradient accumulation).
     The partner gradient is clipped to the loop's `max_grad_norm` over the partner block (the reference clips
     before each of its two optimizer steps). `history[-1]["partner_loss"]` records l_2.
     """
