@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.016)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="bench/results/b4m_stages.json")
+    parser.add_argument("--stage2-lr", type=float, default=None, help="stage 2's lr (default --lr)")
+    parser.add_argument("--stage2-only", default=None, help="a previous run's work directory: re-run stage 2 only, "
+                        "appending its rows to --output")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.steps * 16
@@ -54,23 +57,38 @@ def main() -> None:
     def data(path):
         return _with_test(load_text_classification(path, train_size=n, test_size=1, seed=0), sets)
 
-    def run(name, path, method="b4m", rank=8, **options):
+    def run(name, path, method="b4m", rank=8, lr=None, **options):
+        lr = lr or args.lr
         spec = FinetuneSpec(method=method, rank=rank, targets=TARGETS, method_options=options, max_length=64,
-                            batch_size=16, train=TrainConfig(lr=args.lr, max_steps=args.steps, seed=0, eval_every=10**6))  # no eval inside the timed loop
+                            batch_size=16, train=TrainConfig(lr=lr, max_steps=args.steps, seed=0, eval_every=10**6))  # no eval inside the timed loop
         metrics = finetune_classifier(data(path), spec, work / name, progress=False)
-        row = {"run": name, "accuracy": metrics["after"]["accuracy"], "test_loss": metrics["after"]["loss"],
+        row = {"run": name, "lr": lr, "before": metrics["before"]["accuracy"], "accuracy": metrics["after"]["accuracy"], "test_loss": metrics["after"]["loss"],
                "step_s": metrics["train_seconds"] / metrics["optimizer_steps"],
                "final_train_loss": [h for h in metrics["history"] if "loss" in h][-1]["loss"]}
         print(json.dumps(row), flush=True)
         return row
 
+    lr2 = args.stage2_lr or args.lr
+    if args.stage2_only:
+        old = Path(args.stage2_only)
+        content, style = str(old / "set0.csv"), str(old / "set1.csv")
+        result = json.loads(Path(args.output).read_text())
+        rows = result["rows"]
+        for optimizer in ("riemannian", "adamw"):
+            name = f"b4m-joint stage 2, {optimizer}, lr {lr2:g}"
+            rows.append(run(name, style, lr=lr2, role="joint", optimizer=optimizer, init_from=str(old / "fused"),
+                            partner_data=[content]))
+            rows[-1]["step_vs_lora"] = rows[-1]["step_s"] / rows[0]["step_s"]
+        Path(args.output).write_text(json.dumps(result, indent=2))
+        return
     rows = [run("lora", content, method="lora"),
             run("b4m-content-old (no partners)", content, role="content"),
             run("b4m-content-MCP (3 partners)", content, role="content", partner_data=partners),
             run("b4m-style-MCP (3 partners)", style, role="style", partner_data=[files[0]] + partners[:2])]
     compose(work / "b4m-content-MCP (3 partners)" / "adapter", work / "b4m-style-MCP (3 partners)" / "adapter", work / "fused")
-    rows += [run("b4m-joint stage 2, RiemannianAdamW", style, role="joint", init_from=str(work / "fused"), partner_data=[content]),
-             run("b4m-joint stage 2, AdamW (old optimizer)", style, role="joint", optimizer="adamw",
+    rows += [run("b4m-joint stage 2, RiemannianAdamW", style, lr=lr2, role="joint", init_from=str(work / "fused"),
+                 partner_data=[content]),
+             run("b4m-joint stage 2, AdamW (old optimizer)", style, lr=lr2, role="joint", optimizer="adamw",
                  init_from=str(work / "fused"), partner_data=[content])]
     lora_step = rows[0]["step_s"]
     for row in rows:
