@@ -70,7 +70,7 @@ def test_methods_json_and_family_filter():
     assert len(everything) == len(catalog()) and {"family", "name", "paper", "runs"} <= set(everything[0])
     result = runner.invoke(app, ["methods", "--family", "optimizers", "--json"])
     optimizers = json.loads(result.output)
-    assert {e["name"] for e in optimizers} == {"galore", "dct-adamw"} and {e["family"] for e in optimizers} == {"optimizer"}
+    assert {e["name"] for e in optimizers} == {"galore", "dct-adamw", "riemannian-adamw"} and {e["family"] for e in optimizers} == {"optimizer"}
     assert {e["name"] for e in everything if e["family"] == "adapter"} == {m.name for m in rankwise.list_methods()}
 
 

@@ -114,6 +114,7 @@ def test_every_compressor_has_a_page(name):
     ("compress/welore.md", "rankwise.compress.welore.WeLoreConfig"),
     ("optimizers/galore.md", "rankwise.optim.galore.GaLoreAdamW"),
     ("optimizers/dct.md", "rankwise.optim.dct.DCTAdamW"),
+    ("optimizers/riemannian.md", "rankwise.optim.riemannian.RiemannianAdamW"),
     ("pretrain/sltrain.md", "rankwise.pretrain.sltrain.SLTrainLinear"),
     ("pretrain/lost.md", "rankwise.pretrain.lost.LOSTLinear"),
     ("federated/lora-fair.md", "rankwise.federated.lora_fair.LoraFairStrategy"),

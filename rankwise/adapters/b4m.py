@@ -13,11 +13,27 @@ The update is therefore not zero at init (top block row B_f A). Without the prio
 
 Composition (`compose`, `rankwise compose`): A = [A_f | A_t(content)], B = B(style): content's input-side block and
 style's output-side block meet in one adapter; it splices factors, so it works on adapter files, never merged weights.
+
+Training, as the paper's two stages (reachable from `rankwise finetune --method b4m`, see `B4mConfig`):
+
+* Stage 1 ("break"), role content (style is the mirror image): the concept loss l_1 on the concept's data trains
+  A_t at lr; the multi-correspondence projection learning (MCP) loss l_2 = (1/K) sum_k l(partner data k) of K
+  auxiliary partner data sets (of the other kind) trains the partner block B_t at partner_lr_scale * lr, so the
+  concept block is not tied to one partner (the paper's Sec. "multi-correspondence projection learning"; the
+  reference runs K = 3 style sets with the content, lr 1e-4 / 1e-5). `PartnerLosses` adds grad l_2 to the partner
+  block only: d l_1 / d B_t stays in it too, as in the reference, where l_1's gradient on B is not zeroed.
+* Stage 2 ("make"), role joint, from the composed adapter (`init_from`): l_1 + l_2 (both concepts' data) on every
+  trainable block, with the Riemannian-preconditioned AdamW (`rankwise.optim.RiemannianAdamW`, Zhang & Pilanci
+  arXiv 2402.02347: grad_A <- (B^T B + delta I)^-1 grad_A, grad_B <- grad_B (A A^T + delta I)^-1 on the full
+  factors A = [A_f | A_t], B = [B_f ; B_t]; the abstract's "Riemannian precondition to adaptively balance content
+  and style learning"). The reference's `AdamWr` stepped after the plain AdamWs had zeroed the gradients (see
+  docs/methods/b4m.md); here one optimizer preconditions then steps, as the paper describes.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +48,7 @@ from rankwise.core.registry import register
 from rankwise.linalg import seeded_generator
 
 ROLES = ("content", "style", "joint")
+OPTIMIZERS = ("auto", "adamw", "riemannian")
 
 
 def _name_seed(seed: int, module_name: str) -> int:
@@ -73,6 +90,17 @@ class B4mAdapter(Adapter):
         a, b = self.factors()
         return base_out + F.linear(F.linear(x, a), b)
 
+    def factor_pair(self):
+        """The trainable blocks as a `LoraFactorPair` whose Gram matrices use the full factors (frozen blocks included)."""
+        from rankwise.optim.riemannian import LoraFactorPair
+
+        return LoraFactorPair(self.A_train, self.B_train, self.factors)
+
+    def partner_block(self) -> list[nn.Parameter]:
+        """What the MCP partner losses train: B_t for a content adapter, A_t for a style one, both when joint."""
+        return {"content": [self.B_train], "style": [self.A_train],
+                "joint": [self.A_train, self.B_train]}[self.config.role]
+
     def parameter_groups(self) -> list[dict]:
         # Stage 1: the adapter's own concept trains at lr, the partner block at partner_lr_scale * lr.
         scale = self.config.partner_lr_scale
@@ -92,6 +120,15 @@ class B4mConfig(AdapterConfig):
         False: B_f = 0 (zero update at init; B_f stays 0).
     basis_height: rows of that basis (None: max(in, out) of the layer; the SDXL reference hard-codes 1280).
     seed: with the module name, fixes the frozen blocks: content and style runs must use the same seed.
+    optimizer: "auto" (the paper's: Riemannian-preconditioned AdamW for role "joint", AdamW in stage 1),
+        "adamw" or "riemannian"; used by `rankwise.train.loop.train` and `rankwise finetune`.
+    precondition_delta: the ridge delta of the Riemannian preconditioner (the reference's `optimizer_reg`, 0).
+    partner_data: training files of the partner concepts (same format as `--data`: classification CSV/JSONL with
+        text,label columns and the main data's labels, or causal-lm instructions). Stage 1: the auxiliary
+        partners of the MCP loss (the reference uses 3); stage 2: the other concept's data. Empty: no partner loss.
+    init_from: stage 2: start from this adapter directory (the output of `rankwise compose`) instead of the
+        initialisation. Read by `rankwise finetune` only; loading a saved adapter never reads it.
+    Old files without the last four keys load with these defaults (`optimizer="auto"` only affects training).
     """
 
     r: int = 64
@@ -100,6 +137,10 @@ class B4mConfig(AdapterConfig):
     orthogonal_prior: bool = True
     basis_height: int | None = None
     seed: int = 0
+    optimizer: str = "auto"
+    precondition_delta: float = 0.0
+    partner_data: list[str] | None = None
+    init_from: str | None = None
 
     supported_layers: ClassVar[tuple[str, ...]] = ("linear",)
     init_property: ClassVar[str] = "none"  # the orthogonal prior makes the top block row non-zero at init
@@ -114,6 +155,38 @@ class B4mConfig(AdapterConfig):
         self._check(self.basis_height is None or (isinstance(self.basis_height, int) and self.basis_height >= 1),
                     "basis_height", "None or an integer >= 1")
         self._check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", "an integer >= 0")
+        self._check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        self._check(isinstance(self.precondition_delta, (int, float)) and not isinstance(self.precondition_delta, bool)
+                    and math.isfinite(self.precondition_delta) and 0 <= self.precondition_delta <= 1e6,
+                    "precondition_delta", "a finite number in [0, 1e6]")
+        self._check(self.partner_data is None or (isinstance(self.partner_data, (list, tuple)) and all(
+            isinstance(p, str) and p for p in self.partner_data)), "partner_data", "None or a list of file paths")
+        self._check(self.init_from is None or (isinstance(self.init_from, str) and self.init_from), "init_from",
+                    "None or an adapter directory")
+
+    @property
+    def resolved_optimizer(self) -> str:
+        return ("riemannian" if self.role == "joint" else "adamw") if self.optimizer == "auto" else self.optimizer
+
+    def make_optimizer(self, model, param_groups, lr: float, weight_decay: float):
+        """The training loop's optimizer for this adapter: `RiemannianAdamW` over every B4M pair, or None (AdamW)."""
+        if self.resolved_optimizer != "riemannian":
+            return None
+        from rankwise.optim.riemannian import RiemannianAdamW
+
+        pairs = [adapter.factor_pair() for adapter in _b4m_adapters(model, self)]
+        return RiemannianAdamW(param_groups, pairs, lr=lr, weight_decay=weight_decay, delta=self.precondition_delta)
+
+    def prepare_finetune(self, model, task, tokenizer, spec, loss_fn, data_parallel=None) -> list:
+        """Called by `rankwise finetune` once the model is adapted: load `init_from`, return the partner-loss callback."""
+        if self.init_from is not None:
+            load_stage2_start(model, self)
+        if not self.partner_data:
+            return []
+        if data_parallel is not None:
+            raise ConfigError("B4mConfig.partner_data: the partner losses are not data-parallel yet; run with --nproc 1")
+        partners = [partner_task(task, path, tokenizer, spec) for path in self.partner_data]
+        return [PartnerLosses(model, [t.train_batches for t in partners], loss_fn, config=self)]
 
     def check_layer(self, module_name: str, base_layer: nn.Module, kind: str) -> None:
         d_a, d_b = base_layer.weight.shape[:2]
@@ -159,10 +232,125 @@ def compose(content_dir, style_dir, output_dir) -> dict:
                                       "(trained with another seed or basis?): composition needs identical frozen blocks")
         fused[key] = content[key] if key.endswith(".A_train") else tensor
     output_dir = Path(output_dir)
-    config = dataclasses.replace(style_cfg, role="joint").to_dict()
+    config = dataclasses.replace(style_cfg, role="joint", partner_data=None, init_from=None).to_dict()  # training-only
     config["inference_mode"] = True
     with atomic_directory(output_dir) as stage:  # config and weights swap in together
         atomic_write(stage / WEIGHTS_NAME, lambda tmp: save_file(fused, tmp, metadata={"format": "pt"}))
         atomic_write_text(stage / CONFIG_NAME, json.dumps(config, indent=2))
     layers = sum(key.endswith(".A_train") for key in fused)
     return {"layers": layers, "output": str(output_dir), "rank": style_cfg.r}
+
+
+# -- training: the partner losses (stage 1 MCP, stage 2's second concept) and the stage-2 start ----------------------
+def _b4m_adapters(model, config: "B4mConfig | None" = None) -> list[B4mAdapter]:
+    found = []
+    for _, layer in model.adapted_layers():
+        for adapter in layer.adapters.values():
+            if isinstance(adapter, B4mAdapter) and (config is None or adapter.config is config):
+                found.append(adapter)
+    return found
+
+
+class PartnerLosses:
+    """Loop callback: after the concept loss's backward, add the gradient of the partner loss
+    l_2 = (1/K) sum_k loss_fn(model, batch of partner k) to the partner block (`B4mAdapter.partner_block`).
+
+    partner_batches: K functions `epoch -> list of batches` (like `train(batches=...)`); optimizer step t takes batch
+        t mod n of pass t // n of each partner, so a resumed run sees the same partner batches (one partner batch
+        per optimizer step, also with gradient accumulation).
+    The partner gradient is clipped to the loop's `max_grad_norm` over the partner block (the reference clips
+    before each of its two optimizer steps). `history[-1]["partner_loss"]` records l_2.
+    """
+
+    supports_resume = True
+
+    def __init__(self, model, partner_batches, loss_fn, config: "B4mConfig | None" = None):
+        self.model, self.partner_batches, self.loss_fn = model, list(partner_batches), loss_fn
+        if not self.partner_batches:
+            raise ConfigError("PartnerLosses: no partner data sets given")
+        adapters = _b4m_adapters(model, config)
+        if not adapters:
+            raise ConfigError("PartnerLosses: the model has no Break-for-Make (b4m) adapter")
+        self.targets = [p for adapter in adapters for p in adapter.partner_block() if p.requires_grad]
+        self._cache: dict = {}
+        self.last_loss = float("nan")
+
+    def _batch(self, k: int, step: int):
+        first = self._cache.get((k, 0))
+        if first is None:
+            first = self._cache[(k, 0)] = self.partner_batches[k](0)
+        if not first:
+            raise ConfigError(f"B4M partner data set {k} has no training batches")
+        epoch, index = divmod(step, len(first))
+        if (k, epoch) not in self._cache:
+            self._cache = {key: v for key, v in self._cache.items() if key[1] == 0}  # keep memory bounded
+            self._cache[(k, epoch)] = self.partner_batches[k](epoch)
+        return self._cache[(k, epoch)][index]
+
+    def after_backward(self, state) -> None:
+        losses = [self.loss_fn(self.model, self._batch(k, state.step)) for k in range(len(self.partner_batches))]
+        partner_loss = sum(losses) / len(losses)
+        value = float(partner_loss.detach())
+        if not math.isfinite(value):
+            from rankwise.core.errors import TrainingError
+
+            raise TrainingError(f"the B4M partner loss became {value} at optimizer step {state.step + 1}; lower the learning rate")
+        grads = torch.autograd.grad(partner_loss, self.targets, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(self.targets, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        max_norm = getattr(state.config, "max_grad_norm", None)
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.targets if p.grad is not None], max_norm)
+        self.last_loss = value
+
+    def on_step_end(self, state) -> None:
+        if state.history:
+            state.history[-1]["partner_loss"] = self.last_loss
+
+
+def load_stage2_start(model, config: "B4mConfig") -> None:
+    """Copy the composed adapter in `config.init_from` into the model's B4M adapter (same rank, targets, seed, basis)."""
+    from rankwise.core.io import read_config
+
+    directory = Path(config.init_from)
+    saved = read_config(directory)
+    if not isinstance(saved, B4mConfig):
+        raise CheckpointError(f"B4mConfig.init_from={str(directory)!r} holds a {saved.method_name!r} adapter, not a "
+                              "Break-for-Make one: pass the output of `rankwise compose`")
+    for field in ("r", "seed", "orthogonal_prior", "basis_height"):
+        if getattr(saved, field) != getattr(config, field):
+            raise CheckpointError(f"B4mConfig.init_from={str(directory)!r} was saved with {field}={getattr(saved, field)!r}, "
+                                  f"this run has {field}={getattr(config, field)!r}: use the same value")
+    names = [name for name, cfg in model.configs.items() if cfg is config]
+    model.load_adapter(directory, names[0] if names else "default", is_trainable=True)
+
+
+def partner_task(task, path: str, tokenizer, spec):
+    """A task of the same kind as `task` over the partner data file `path`, prepared like it (same tokenizer, lengths)."""
+    from rankwise.train.tasks.classification import ClassificationTask
+
+    if isinstance(task, ClassificationTask):
+        from rankwise.data.text import load_text_classification
+
+        data = load_text_classification(path, train_size=10**9, test_size=1, seed=spec.train.seed)
+        index = {name: i for i, name in enumerate(task.data.label_names)}
+        unknown = sorted(set(data.label_names) - set(index))
+        if unknown:
+            raise ConfigError(f"B4mConfig.partner_data: {path} has labels {unknown[:5]} that the training data "
+                              f"({task.data.label_names[:5]}) does not: the model has one head for both")
+        remap = [index[name] for name in data.label_names]
+        data = dataclasses.replace(data, train_labels=[remap[i] for i in data.train_labels],
+                                   test_labels=[remap[i] for i in data.test_labels], label_names=list(task.data.label_names))
+        partner = ClassificationTask(data)
+    else:
+        from rankwise.data.instructions import load_instructions
+        from rankwise.train.tasks.causal_lm import CausalLMTask
+
+        if not isinstance(task, CausalLMTask):
+            raise ConfigError(f"B4mConfig.partner_data: the {getattr(task, 'name', type(task).__name__)} task has no "
+                              "partner loader; partner data needs the classification or causal-lm task")
+        partner = CausalLMTask(load_instructions(path, train_size=10**9, test_size=1, seed=spec.train.seed))
+    partner.prepare(tokenizer, spec)
+    return partner

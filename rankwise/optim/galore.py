@@ -96,17 +96,32 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _is_projected(self, p: torch.Tensor, group: dict) -> bool:
         return "rank" in group
 
-    @torch.no_grad()
-    def _update_parameter(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad
+    def _projection_is_scale_free(self, group: dict) -> bool:
+        """True when projecting `c G` gives `c` times the projection of `G` with the same projector (c > 0).
+
+        Per-layer clipping (`attach_to_backward(max_grad_norm=...)`) then projects inside backward and scales
+        the small projected gradient once the global norm is known; otherwise the full gradient is kept."""
+        return True
+
+    def _adam_input(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> torch.Tensor:
+        """The tensor Adam's moments see: the projected gradient (refreshing the projector when due) or `grad`."""
         if grad.is_sparse:
             raise RuntimeError(f"{self.name} does not support sparse gradients")
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
+        if self._is_projected(p, group):
+            return self._project(state, grad, group)  # uses state["step"] before the increment
+        return grad
+
+    @torch.no_grad()
+    def _update_parameter(self, p: torch.Tensor, group: dict) -> None:
+        self._adam_update(p, group, self._adam_input(p, group, p.grad))
+
+    @torch.no_grad()
+    def _adam_update(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
+        state = self.state[p]
         projected = self._is_projected(p, group)
-        if projected:
-            grad = self._project(state, grad, group)  # uses state["step"] before the increment
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
@@ -134,47 +149,140 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step over every parameter that has a gradient (per-layer hooks leave none)."""
+        """One optimizer step over every parameter that has a gradient.
+
+        In per-layer mode (`attach_to_backward`) the hooked parameters were already updated inside backward
+        (or, with `max_grad_norm`, are updated here from their clipped, projected gradients); `step()` closes the
+        accumulated step and refuses one that is incomplete."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hooks = getattr(self, "_backward_hooks", None)
+        if hooks is not None:
+            hooks.finish_step("step()")
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and (hooks is None or p not in hooks.hooked):
                     self._update_parameter(p, group)
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        hooks = getattr(self, "_backward_hooks", None)
+        if hooks is not None:
+            hooks.finish_step("zero_grad()")
+        super().zero_grad(set_to_none=set_to_none)
+
     # -- per-layer mode -------------------------------------------------------------------------
-    def attach_to_backward(self) -> "BackwardHooks":
+    def attach_to_backward(self, accumulation_steps: int = 1, max_grad_norm: float | None = None) -> "BackwardHooks":
         """Update each parameter inside backward, as soon as its gradient is accumulated, then free it.
 
-        Full-size gradients are then never all alive at once (GaLore's per-layer mode). `step()`
-        becomes a no-op for these parameters; call `zero_grad()` as usual. Not compatible with
-        gradient accumulation, gradient clipping over all parameters, or DDP.
+        Full-size gradients are then never all alive at once (GaLore's per-layer mode). Call `step()` (or
+        `zero_grad()`) once per optimizer step, as usual: it marks where one step ends.
+
+        accumulation_steps: micro-batches per optimizer step. Each parameter's gradient accumulates in `.grad`
+            over that many backward passes; the update (and the projector's clock) runs once, on the last one.
+            A gradient arriving for a parameter already updated in this step, or `step()` after a part of the
+            micro-batches, raises `ConfigError`: a per-layer run never silently takes a different number of steps.
+        max_grad_norm: clip the global gradient norm, as `torch.nn.utils.clip_grad_norm_` would before a normal
+            `step()` (which cannot work here: it would find no gradients). The hooks add up the squared norms and
+            keep only the projected gradient of a projected weight (the projection commutes with the scaling);
+            `step()` then scales and applies every update. Regular parameters keep their full gradient until then.
+            `step()` is required with it.
+        Not compatible with DDP.
         """
-        handles = []
+        check_field(isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool)
+                    and accumulation_steps >= 1, self.name, "accumulation_steps", accumulation_steps, "an int >= 1")
+        check_field(max_grad_norm is None or (isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+                    and math.isfinite(max_grad_norm) and max_grad_norm > 0), self.name, "max_grad_norm", max_grad_norm,
+                    "None or a finite number > 0")
+        if getattr(self, "_backward_hooks", None) is not None:
+            raise ConfigError(f"{self.name}: attach_to_backward() was already called; remove() its hooks first")
+        hooks = BackwardHooks(self, accumulation_steps, max_grad_norm)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._hook, group)))
-        return BackwardHooks(handles)
-
-    def _hook(self, group: dict, p: torch.Tensor) -> None:
-        self._update_parameter(p, group)
-        p.grad = None
+                    hooks.hooked.add(p)
+                    hooks.handles.append(p.register_post_accumulate_grad_hook(functools.partial(hooks.on_gradient, group)))
+        self._backward_hooks = hooks
+        return hooks
 
 
 class BackwardHooks:
-    """The hook handles of `attach_to_backward`; `remove()` returns the optimizer to normal stepping."""
+    """The per-layer mode of a `LowRankAdamW` (`attach_to_backward`); `remove()` returns it to normal stepping.
 
-    def __init__(self, handles):
-        self.handles = handles
+    Per optimizer step: each hooked parameter receives `accumulation_steps` gradients; on the last one it is
+    updated (or, with clipping, its Adam input is stashed) and its gradient freed. `finish_step` (called by the
+    optimizer's `step()`/`zero_grad()`) checks that the step was complete and, with clipping, applies the updates.
+    """
+
+    def __init__(self, optimizer: LowRankAdamW, accumulation_steps: int, max_grad_norm: float | None):
+        self.optimizer, self.accumulation_steps, self.max_grad_norm = optimizer, accumulation_steps, max_grad_norm
+        self.handles: list = []
+        self.hooked: set = set()             # parameters updated by the hooks (tensor hash is by identity)
+        self.micro_batches: dict = {}        # parameter -> gradients received in the current step
+        self.updated: set = set()            # parameters whose update for the current step is done or stashed
+        self.pending: list = []              # with clipping: (parameter, group, Adam input) to apply in step()
+        self.squared_norm = 0.0
+
+    def on_gradient(self, group: dict, p: torch.Tensor) -> None:
+        opt = self.optimizer
+        if p in self.updated:
+            raise ConfigError(
+                f"{opt.name} per-layer mode: a parameter of shape {tuple(p.shape)} received another gradient after its "
+                f"update for this step (accumulation_steps={self.accumulation_steps}). Call optimizer.step() (or zero_grad()) "
+                "once per optimizer step; to accumulate gradients over N micro-batches pass "
+                "attach_to_backward(accumulation_steps=N).")
+        count = self.micro_batches.get(p, 0) + 1
+        if count < self.accumulation_steps:
+            self.micro_batches[p] = count    # the gradient keeps accumulating in p.grad
+            return
+        self.micro_batches.pop(p, None)
+        self.updated.add(p)
+        with torch.no_grad():
+            if self.max_grad_norm is None:
+                opt._update_parameter(p, group)
+                p.grad = None
+                return
+            self.squared_norm += float(p.grad.double().pow(2).sum())
+            if opt._is_projected(p, group) and opt._projection_is_scale_free(group):
+                self.pending.append((p, group, opt._adam_input(p, group, p.grad)))
+                p.grad = None
+            else:                              # kept whole until the norm is known
+                self.pending.append((p, group, None))
+
+    def finish_step(self, caller: str) -> None:
+        opt = self.optimizer
+        partial = {tuple(p.shape): n for p, n in self.micro_batches.items()}
+        if partial:
+            raise ConfigError(
+                f"{opt.name} per-layer mode: {caller} after {min(partial.values())} of accumulation_steps="
+                f"{self.accumulation_steps} micro-batches (parameter shapes {sorted(partial)[:3]}): an optimizer step "
+                "needs all its micro-batches; match accumulation_steps to the training loop.")
+        if self.pending:
+            if caller != "step()":
+                raise ConfigError(f"{opt.name} per-layer mode with max_grad_norm: call optimizer.step() before "
+                                  f"{caller}; the clipped updates are applied in step()")
+            # torch.nn.utils.clip_grad_norm_'s coefficient
+            total = math.sqrt(self.squared_norm)
+            coefficient = min(1.0, self.max_grad_norm / (total + 1e-6))
+            with torch.no_grad():
+                for p, group, adam_input in self.pending:
+                    if adam_input is None:
+                        adam_input = opt._adam_input(p, group, p.grad.mul_(coefficient))
+                        opt._adam_update(p, group, adam_input)
+                        p.grad = None
+                    else:
+                        opt._adam_update(p, group, adam_input.mul_(coefficient))
+            self.last_total_norm = total
+        self.pending, self.updated, self.squared_norm = [], set(), 0.0
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if getattr(self.optimizer, "_backward_hooks", None) is self:
+            self.optimizer._backward_hooks = None
 
 
 class GaLoreAdamW(LowRankAdamW):

@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         sparsity: Optional[float] = typer.Option(None, help="SLTrain delta (0.03) or LOST rho (0.05)"),
         gamma: float = typer.Option(0.5, help="LOST low-rank/sparse mix"),
         per_layer: bool = typer.Option(False, help="galore/dct: update each layer inside backward"),
+        dct_preset: str = typer.Option("tuned", help="dct: tuned (gap 200, stable slots) | paper (gap 1, reference slots)"),
+        dct_error_feedback: bool = typer.Option(False, help="dct: error feedback (the reference's use_ef)"),
         eval_every: int = typer.Option(50, help="steps between validation perplexity measurements"),
         seed: int = typer.Option(0),
         threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
@@ -50,7 +52,8 @@ def register(app: typer.Typer) -> None:
                                     num_heads=num_heads, intermediate_size=intermediate_size, seq_len=seq_len,
                                     batch_size=batch_size, steps=steps, lr=lr, weight_decay=weight_decay, rank=rank,
                                     update_proj_gap=update_proj_gap, galore_scale=galore_scale, sparsity=sparsity,
-                                    gamma=gamma, per_layer=per_layer, eval_every=eval_every, seed=seed)
+                                    gamma=gamma, per_layer=per_layer, dct_preset=dct_preset,
+                                    dct_error_feedback=dct_error_feedback, eval_every=eval_every, seed=seed)
             metrics = pretrain(config, out, show_progress=not quiet)
         except RankwiseError as error:
             print_error(error, console)

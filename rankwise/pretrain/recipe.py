@@ -26,6 +26,7 @@ from torch import nn
 from rankwise.core.errors import CheckpointError, ConfigError, check_field
 from rankwise.core.io import atomic_write, atomic_write_text
 from rankwise.data.offline_text import encode_bytes, load_corpus
+from rankwise.optim.dct import PRESETS as DCT_PRESETS
 from rankwise.optim.dct import DCTAdamW
 from rankwise.optim.galore import GaLoreAdamW, low_rank_param_groups, optimizer_state_bytes
 
@@ -55,7 +56,7 @@ class PretrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1
-    grad_clip: float = 0.0             # 0: no clipping (per-layer mode cannot clip over all parameters)
+    grad_clip: float = 0.0             # 0: no clipping (per-layer mode clips through attach_to_backward)
     eval_every: int = 50
     eval_batches: int = 8
     val_fraction: float = 0.05
@@ -66,6 +67,8 @@ class PretrainConfig:
     lora_alpha: float = 32.0           # SLTrain's fixed scale s = lora_alpha / rank
     gamma: float = 0.5                 # LOST's low-rank/sparse mix
     per_layer: bool = False            # GaLore/DCT: update each layer inside backward
+    dct_preset: str = "tuned"          # DCT: "tuned" (gap 200, stable slots) or "paper" (gap 1, reference slots)
+    dct_error_feedback: bool = False   # DCT: the reference's use_ef
     seed: int = 0
 
     def __post_init__(self):
@@ -86,10 +89,9 @@ class PretrainConfig:
         check_field(self.update_proj_gap is None or self.update_proj_gap >= 1, name, "update_proj_gap",
                     self.update_proj_gap, "an int >= 1")
         check_field(self.sparsity is None or 0 < self.sparsity < 1, name, "sparsity", self.sparsity, "a float in (0, 1)")
+        check_field(self.dct_preset in DCT_PRESETS, name, "dct_preset", self.dct_preset, f"one of {tuple(DCT_PRESETS)}")
         check_field(not self.per_layer or self.method in ("galore", "dct"), name, "per_layer", self.per_layer,
                     "False unless method is 'galore' or 'dct'")
-        check_field(not (self.per_layer and self.grad_clip > 0), name, "grad_clip", self.grad_clip,
-                    "0 with per_layer=True (per-layer updates cannot clip the global norm)")
 
     @property
     def effective_lr(self) -> float:
@@ -132,9 +134,10 @@ def build_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Opt
                                        scale=config.galore_scale, proj_type="std")
         return GaLoreAdamW(groups, lr=lr, weight_decay=wd)
     if config.method == "dct":
+        gap = {"update_proj_gap": config.update_proj_gap} if config.update_proj_gap else {}  # else the preset's
         groups = low_rank_param_groups(model, PROJECTED_TARGETS, rank=config.effective_rank,
-                                       update_proj_gap=config.update_proj_gap or DEFAULT_GAP["dct"])
-        return DCTAdamW(groups, lr=lr, weight_decay=wd)
+                                       use_ef=config.dct_error_feedback, **gap)
+        return DCTAdamW(groups, lr=lr, weight_decay=wd, preset=config.dct_preset)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
 
 
@@ -260,7 +263,8 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, text: st
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(config.steps, config.warmup_ratio, config.min_lr_ratio))
-    hooks = optimizer.attach_to_backward() if config.per_layer else None
+    hooks = (optimizer.attach_to_backward(max_grad_norm=config.grad_clip or None)  # clipped inside step()
+             if config.per_layer else None)
     generator = torch.Generator().manual_seed(config.seed)
     tokens_per_step = config.batch_size * config.seq_len
     curve, step_times, train_losses = [], [], []
@@ -274,7 +278,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, text: st
             tick = time.perf_counter()
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
-            if config.grad_clip > 0:
+            if config.grad_clip > 0 and not config.per_layer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -148,6 +148,11 @@ def finetune(
     task.prepare(tokenizer, spec)
     loss_fn = lambda m, batch: task.loss(m, to_device(batch, device))  # noqa: E731
     callbacks, procedure_cb = [], None
+    if not dense:  # a method may need its own training parts (e.g. B4M's partner losses and stage-2 start)
+        for adapter_config in model.configs.values():
+            prepare = getattr(adapter_config, "prepare_finetune", None)
+            if prepare is not None:
+                callbacks.extend(prepare(model, task, tokenizer, spec, loss_fn, data_parallel=dp))
     if spec.procedure is not None:
         val_batches = task.split_validation() if "val_batches" in get_procedure(spec.procedure).needs else None
         procedure_cb = build_procedure(spec.procedure, model, val_batches=val_batches, loss_fn=loss_fn, **spec.procedure_options)

@@ -196,7 +196,14 @@ def build_optimizer(model, config: TrainConfig, param_groups, total_steps: int):
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError("nothing to train: the model has no parameter with requires_grad=True")
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = None
+    for adapter_config in getattr(model, "configs", {}).values():  # an adapter method may bring its own optimizer
+        make = getattr(adapter_config, "make_optimizer", None)
+        optimizer = make(model, groups, lr=config.lr, weight_decay=config.weight_decay) if make else None
+        if optimizer is not None:
+            break
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
     factors = [LRFactor(config.schedule, total_steps, warmup) for _ in optimizer.param_groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -152,3 +152,184 @@ def test_bad_config():
             rankwise.B4mConfig(target_modules=["x"], **{field: value})
     with pytest.raises(ConfigError, match="basis_height"):
         _adapt(r=4, basis_height=10)
+
+
+# -- training as the paper's two stages (issue 20, item 4) --------------------------------------------------------
+from rankwise.adapters.b4m import PartnerLosses, load_stage2_start  # noqa: E402
+from rankwise.optim.riemannian import RiemannianAdamW  # noqa: E402
+from rankwise.train.loop import TrainConfig, train  # noqa: E402
+
+
+def _batches(seed, n=4):
+    gen = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(8, 16, generator=gen), torch.randn(8, 12, generator=gen)) for _ in range(n)]
+    return lambda epoch: data
+
+
+def _mse(model, batch):
+    x, y = batch
+    return (model(x) - y).pow(2).mean()
+
+
+def _loop(model, steps=3, callbacks=(), **config):
+    config = {"lr": 1e-2, "max_steps": steps, "warmup_ratio": 0.0, "max_grad_norm": None, **config}
+    return train(model, _batches(0), _mse, TrainConfig(**config), callbacks=callbacks,
+                 param_groups=model.parameter_groups(config["lr"]), progress=False)
+
+
+@pytest.mark.parametrize("role,optimizer,expected", [
+    ("joint", "auto", RiemannianAdamW), ("content", "auto", torch.optim.AdamW), ("style", "auto", torch.optim.AdamW),
+    ("joint", "adamw", torch.optim.AdamW), ("content", "riemannian", RiemannianAdamW)])
+def test_stage_two_trains_with_the_riemannian_optimizer(role, optimizer, expected):
+    state = _loop(_adapt(role=role, optimizer=optimizer), steps=1)
+    assert type(state.optimizer) is expected
+
+
+def test_stage_two_riemannian_step_uses_the_full_factor_grams():
+    model = _adapt(role="joint", precondition_delta=1e-4)
+    reference = copy.deepcopy(model)
+    _loop(model, steps=1)
+    # the same step by hand: gradients of the trainable blocks, preconditioned with the full factors' Grams
+    loss = _mse(reference, _batches(0)(0)[0])
+    loss.backward()
+    with torch.no_grad():
+        for name in ("0", "2"):
+            adapter = _adapter(reference, name)
+            a, b = adapter.factors()
+            eye = 1e-4 * torch.eye(4)
+            adapter.A_train.grad = torch.linalg.inv(b.T @ b + eye) @ adapter.A_train.grad if torch.linalg.norm(b.T @ b) > 1e-6 \
+                else adapter.A_train.grad
+            adapter.B_train.grad = adapter.B_train.grad @ torch.linalg.inv(a @ a.T + eye)
+    opt = torch.optim.AdamW(reference.parameter_groups(1e-2))
+    opt.step()
+    for name in ("0", "2"):
+        ours, theirs = _adapter(model, name), _adapter(reference, name)
+        torch.testing.assert_close(ours.A_train, theirs.A_train, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours.B_train, theirs.B_train, atol=1e-6, rtol=1e-5)
+
+
+class _GradProbe:
+    def after_backward(self, state):
+        self.grads = {n: p.grad.clone() for n, p in state.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("role", ["content", "style", "joint"])
+def test_partner_losses_train_only_the_partner_block(role):
+    model = _adapt(role=role)
+    reference = copy.deepcopy(model)
+    partners = [_batches(10), _batches(11), _batches(12)]  # the reference's three auxiliary partner sets
+    probe = _GradProbe()
+    state = _loop(model, steps=1, callbacks=[PartnerLosses(model, partners, _mse), probe])
+    concept = _mse(reference, _batches(0)(0)[0])
+    partner = sum(_mse(reference, p(0)[0]) for p in partners) / 3
+    names = [n for n, p in reference.named_parameters() if p.requires_grad]
+    params = [p for p in reference.parameters() if p.requires_grad]
+    g_concept = dict(zip(names, torch.autograd.grad(concept, params)))
+    g_partner = dict(zip(names, torch.autograd.grad(partner, params)))
+    partner_block = {"content": "B_train", "style": "A_train", "joint": "_train"}[role]
+    for name in names:
+        expected = g_concept[name] + (g_partner[name] if name.endswith(partner_block) else 0)
+        torch.testing.assert_close(probe.grads[name], expected, msg=name)
+    assert state.history[-1]["partner_loss"] == pytest.approx(float(partner.detach()))
+
+
+def test_partner_losses_are_clipped_and_need_a_b4m_model():
+    model = _adapt(role="content")
+    probe = _GradProbe()
+    _loop(model, steps=1, max_grad_norm=1e-3, callbacks=[PartnerLosses(model, [_batches(3)], _mse), probe])
+    partner = [g for n, g in probe.grads.items() if n.endswith("B_train")]
+    assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in partner]))) <= 1e-3 * 1.001
+    lora = rankwise.adapt(_base(), rankwise.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ConfigError, match="b4m"):
+        PartnerLosses(lora, [_batches(3)], _mse)
+
+
+def test_stage_two_starts_from_the_composed_adapter(tmp_path):
+    _trained_dirs(tmp_path)
+    compose(tmp_path / "content", tmp_path / "style", tmp_path / "fused")
+    model = _adapt(role="joint", init_from=str(tmp_path / "fused"))
+    load_stage2_start(model, model.configs["default"])
+    fused = rankwise.load_adapter(_base(), tmp_path / "fused")
+    for name in ("0", "2"):
+        torch.testing.assert_close(_adapter(model, name).delta_weight(None), _adapter(fused, name).delta_weight(None))
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.endswith("_train"))
+    wrong = _adapt(role="joint", r=4, seed=9, init_from=str(tmp_path / "fused"))
+    with pytest.raises(CheckpointError, match="seed"):
+        load_stage2_start(wrong, wrong.configs["default"])
+
+
+def test_new_fields_validate_and_old_files_load(tmp_path):
+    for field, value in (("optimizer", "sgd"), ("precondition_delta", -1.0), ("precondition_delta", float("nan")),
+                         ("partner_data", "a.csv"), ("init_from", "")):
+        with pytest.raises(ConfigError, match=field):
+            rankwise.B4mConfig(target_modules=["x"], **{field: value})
+    model = _adapt(role="style")
+    model.save_adapter(tmp_path / "old")
+    import json
+
+    path = tmp_path / "old" / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    for key in ("optimizer", "precondition_delta", "partner_data", "init_from"):
+        raw.pop(key)  # a file written before these fields existed
+    path.write_text(json.dumps(raw))
+    loaded = rankwise.load_adapter(_base(), tmp_path / "old")
+    assert loaded.configs["default"].optimizer == "auto"
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.slow
+def test_both_stages_through_rankwise_finetune(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from text_task import write_sentiment_csv, write_tiny_classifier
+
+    from rankwise.cli import app
+
+    model_dir = write_tiny_classifier(tmp_path / "tiny")
+    concept, other = write_sentiment_csv(tmp_path / "concept.csv", rows=96), tmp_path / "partner.csv"
+    lines = concept.read_text().splitlines()
+    other.write_text("\n".join([lines[0]] + lines[:0:-1]) + "\n")  # the same task, another order of rows
+    runner = CliRunner()
+    common = ["--method", "b4m", "--rank", "4", "--targets", "query,value", "--max-steps", "3", "--batch-size", "16",
+              "--train-size", "64", "--test-size", "16", "--model", str(model_dir), "--data", str(concept)]
+
+    def finetune(out, *options):
+        args = ["finetune", *common, "--output", str(tmp_path / out)]
+        for option in options:
+            args += ["--option", option]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "metrics.json").read_text())
+
+    partners = f'partner_data=["{other}", "{concept}"]'
+    for role in ("content", "style"):
+        metrics = finetune(role, f"role={role}", partners)
+        assert all("partner_loss" in h for h in metrics["history"] if "loss" in h and "eval_loss" not in h)
+    result = runner.invoke(app, ["compose", str(tmp_path / "content" / "adapter"), str(tmp_path / "style" / "adapter"),
+                                 "-o", str(tmp_path / "fused")])
+    assert result.exit_code == 0, result.output
+    start = f"init_from={tmp_path / 'fused'}"
+    finetune("joint", "role=joint", start, f'partner_data=["{other}"]')
+    finetune("joint-adamw", "role=joint", start, f'partner_data=["{other}"]', "optimizer=adamw")
+    from safetensors.torch import load_file
+
+    riemannian = load_file(tmp_path / "joint" / "adapter" / "adapter_model.safetensors")
+    adamw = load_file(tmp_path / "joint-adamw" / "adapter" / "adapter_model.safetensors")
+    fused = load_file(tmp_path / "fused" / "adapter_model.safetensors")
+    assert max(float((riemannian[k] - adamw[k]).abs().max()) for k in riemannian if k.endswith("_train")) > 1e-6
+    # stage 2 starts from the composition: at a negligible lr the style's trained B_t is still there
+    runner_args = ["role=joint", start]
+    common[common.index("--max-steps") + 1] = "1"
+    common += ["--lr", "1e-9"]
+    still = finetune("joint-still", *runner_args)
+    still_weights = load_file(tmp_path / "joint-still" / "adapter" / "adapter_model.safetensors")
+    style_b = [k for k in fused if k.endswith("B_train")]
+    assert style_b and all(float(fused[k].abs().max()) > 1e-4 for k in style_b)  # trained in stage 1 (init is 0)
+    assert all(torch.allclose(still_weights[k], fused[k], atol=1e-6) for k in fused)
+    assert still["optimizer_steps"] == 1
+    saved = json.loads((tmp_path / "joint" / "adapter" / "adapter_config.json").read_text())
+    assert saved["role"] == "joint" and saved["optimizer"] == "auto"

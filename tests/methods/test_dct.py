@@ -1,4 +1,7 @@
 """SVD-free DCT low-rank AdamW (arXiv 2505.17967): spec section 5(a) checks."""
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +141,99 @@ def test_large_dimensions_get_full_adamw_and_bad_groups_raise():
         DCTAdamW([{"params": [embedding], "rank": 4, "ell_norm": 3}])
     with pytest.raises(ConfigError, match="stable_slots"):
         DCTAdamW([{"params": [embedding], "rank": 4, "stable_slots": "yes"}])
+
+
+# -- error feedback and presets (issue 20, item 10) -----------------------------------------------------------
+def _reference_dct_ef_steps(W0, grads, rank, lr, betas=(0.9, 0.999), eps=1e-8):
+    """The paper's algorithm box with error feedback, written out naively (gap 1, score-order slots, no rotation):
+    G_t = grad_t + Xi, idx = top-r ||(G_t Q)[:, j]||_1, g = G_t Q[:, idx], Xi = G_t - g Q[:, idx]^T, Adam on g."""
+    W = W0.clone()
+    Q = orthonormal_dct(W.shape[1], torch.float64).to(W.dtype)
+    Xi = torch.zeros_like(W)
+    m = v = None
+    for t, grad in enumerate(grads, start=1):
+        G = grad + Xi
+        idx = torch.topk((G @ Q).abs().sum(0), rank).indices
+        g = G @ Q[:, idx]
+        Xi = G - g @ Q[:, idx].T
+        m = (1 - betas[0]) * g if m is None else betas[0] * m + (1 - betas[0]) * g
+        v = (1 - betas[1]) * g * g if v is None else betas[1] * v + (1 - betas[1]) * g * g
+        bc2 = math.sqrt(1 - betas[1] ** t)
+        W = W - lr * bc2 / (1 - betas[0] ** t) * (m / (v.sqrt() + eps * bc2)) @ Q[:, idx].T
+    return W, Xi
+
+
+def test_error_feedback_follows_the_paper_equations():
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    grads = [torch.randn(24, 16, generator=g, dtype=torch.float64) for _ in range(6)]
+    weight = nn.Parameter(W0.clone())
+    opt = DCTAdamW([{"params": [weight], "rank": 4, "use_ef": True}], lr=1e-2, preset="paper")
+    for grad in grads:
+        weight.grad = grad.clone()
+        opt.step()
+    expected_W, expected_error = _reference_dct_ef_steps(W0, grads, rank=4, lr=1e-2)
+    torch.testing.assert_close(opt.state[weight]["error_feedback"], expected_error)
+    torch.testing.assert_close(weight.detach(), expected_W)
+    # without error feedback the same run ends elsewhere
+    plain = nn.Parameter(W0.clone())
+    opt_plain = DCTAdamW([{"params": [plain], "rank": 4}], lr=1e-2, preset="paper")
+    for grad in grads:
+        plain.grad = grad.clone()
+        opt_plain.step()
+    assert "error_feedback" not in opt_plain.state[plain]
+    assert (plain.detach() - expected_W).abs().max() > 1e-4
+
+
+def test_error_feedback_keeps_what_the_projection_drops():
+    weight = nn.Parameter(torch.zeros(20, 12))
+    opt = DCTAdamW([{"params": [weight], "rank": 3, "use_ef": True, "update_proj_gap": 2}], lr=1e-3)
+    previous = torch.zeros(20, 12)
+    for _ in range(3):
+        grad = torch.randn(20, 12)
+        weight.grad = grad.clone()
+        state = opt.state[weight]
+        projected = opt._adam_input(weight, opt.param_groups[0], weight.grad)
+        Q = opt.basis(12, torch.float32, "matmul")[:, state["columns"].long()]
+        torch.testing.assert_close(state["error_feedback"] + projected @ Q.T, grad + previous)  # G_t = Xi_t + a Qᵀ
+        torch.testing.assert_close(weight.grad, grad)  # the user's gradient is not modified in place
+        previous = state["error_feedback"].clone()
+        opt._adam_update(weight, opt.param_groups[0], projected)
+
+
+def test_presets_and_which_settings_they_pick():
+    weight = nn.Parameter(torch.randn(16, 8))
+    tuned = DCTAdamW([{"params": [weight], "rank": 2}]).param_groups[0]
+    paper = DCTAdamW([{"params": [weight], "rank": 2}], preset="paper").param_groups[0]
+    assert (tuned["update_proj_gap"], tuned["stable_slots"]) == (200, True)
+    assert (paper["update_proj_gap"], paper["stable_slots"], paper["rotate_subspace"], paper["use_ef"]) == (1, False, False, False)
+    overridden = DCTAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 7}], preset="paper").param_groups[0]
+    assert overridden["update_proj_gap"] == 7 and overridden["stable_slots"] is False  # group keys win
+    with pytest.raises(ConfigError, match="preset"):
+        DCTAdamW([{"params": [weight], "rank": 2}], preset="fast")
+    with pytest.raises(ConfigError, match="use_ef"):
+        DCTAdamW([{"params": [weight], "rank": 2, "use_ef": 1}])
+
+
+def test_per_layer_clipping_with_error_feedback_equals_the_normal_step():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(32, 12), torch.randn(32, 4)
+    runs = []
+    for per_layer in (False, True):
+        model = copy.deepcopy(base)
+        opt = DCTAdamW([{"params": [model[0].weight, model[2].weight], "rank": 3, "use_ef": True, "update_proj_gap": 2},
+                        {"params": [model[0].bias, model[2].bias]}], lr=1e-2)
+        hooks = opt.attach_to_backward(accumulation_steps=2, max_grad_norm=0.1) if per_layer else None
+        for _ in range(4):
+            for half in (slice(0, 16), slice(16, 32)):
+                (0.5 * (model(x[half]) - y[half]).pow(2).mean()).backward()
+            if not per_layer:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            opt.step()
+            opt.zero_grad()
+        if hooks:
+            hooks.remove()
+        runs.append(model)
+    for a, b in zip(*(m.parameters() for m in runs)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

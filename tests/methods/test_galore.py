@@ -122,3 +122,85 @@ def test_bad_groups_raise_config_errors():
         GaLoreAdamW([{"params": [model.attn.bias], "rank": 2}])
     with pytest.raises(TargetError):
         galore_param_groups(model, targets=("nothing",))
+
+
+# -- per-layer mode with gradient accumulation and clipping (issue 20, item 9) --------------------------------
+def _accumulated(model, optimizer, steps, k, per_layer=False, clip=None, **hook_options):
+    """`steps` optimizer steps of k micro-batches each (loss / k), the usual accumulation loop."""
+    hooks = optimizer.attach_to_backward(accumulation_steps=k, max_grad_norm=clip, **hook_options) if per_layer else None
+    for step in range(steps):
+        for micro in range(k):
+            (_loss(model, step * k + micro) / k).backward()
+        if clip is not None and not per_layer:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+    if hooks:
+        hooks.remove()
+    return model
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_per_layer_accumulation_equals_normal_step_on_the_effective_batch(k):
+    base = Block()
+    normal, layered = copy.deepcopy(base), copy.deepcopy(base)
+    config = dict(rank=4, update_proj_gap=2)
+    _accumulated(normal, GaLoreAdamW(galore_param_groups(normal, **config), lr=1e-2), 6, k)
+    opt = GaLoreAdamW(galore_param_groups(layered, **config), lr=1e-2)
+    _accumulated(layered, opt, 6, k, per_layer=True)
+    for (name, a), b in zip(normal.named_parameters(), layered.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    # one Adam step and one projector tick per accumulated step: 6, not 6 k
+    assert {opt.state[p]["step"] for p in layered.parameters()} == {6}
+
+
+def test_per_layer_accumulation_without_telling_the_hooks_is_refused():
+    model = Block()
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4), lr=1e-2)
+    opt.attach_to_backward()  # accumulation_steps=1, but the loop accumulates two micro-batches
+    _loss(model, 0).backward()
+    with pytest.raises(ConfigError, match="accumulation_steps"):
+        _loss(model, 1).backward()
+
+
+def test_per_layer_step_after_part_of_the_micro_batches_is_refused():
+    model = Block()
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4), lr=1e-2)
+    opt.attach_to_backward(accumulation_steps=3)
+    _loss(model, 0).backward()
+    _loss(model, 1).backward()
+    with pytest.raises(ConfigError, match="2 of accumulation_steps=3"):
+        opt.step()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_per_layer_clipping_equals_clip_grad_norm_then_step(k):
+    base = Block()
+    normal, layered = copy.deepcopy(base), copy.deepcopy(base)
+    config = dict(rank=4, update_proj_gap=2)
+    clip = 0.05  # well below the gradient norm (~1): every step is clipped
+    _accumulated(normal, GaLoreAdamW(galore_param_groups(normal, **config), lr=1e-2, weight_decay=0.1), 5, k, clip=clip)
+    opt = GaLoreAdamW(galore_param_groups(layered, **config), lr=1e-2, weight_decay=0.1)
+    _accumulated(layered, opt, 5, k, per_layer=True, clip=clip)
+    for (name, a), b in zip(normal.named_parameters(), layered.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=name)
+    # and the clip mattered: without it the weights end elsewhere
+    free = copy.deepcopy(base)
+    _accumulated(free, GaLoreAdamW(galore_param_groups(free, **config), lr=1e-2, weight_decay=0.1), 5, k)
+    assert (free.attn.weight - layered.attn.weight).abs().max() > 1e-4
+
+
+def test_per_layer_bad_options_and_clipping_needs_step():
+    model = Block()
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4), lr=1e-2)
+    with pytest.raises(ConfigError, match="accumulation_steps"):
+        opt.attach_to_backward(accumulation_steps=0)
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        opt.attach_to_backward(max_grad_norm=float("inf"))
+    hooks = opt.attach_to_backward(max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="already"):
+        opt.attach_to_backward()
+    _loss(model, 0).backward()
+    with pytest.raises(ConfigError, match="step"):
+        opt.zero_grad()  # the clipped updates are applied in step(): skipping it would drop them
+    hooks.remove()

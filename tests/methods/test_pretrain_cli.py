@@ -84,3 +84,17 @@ def test_error_messages_stay_whole_whatever_the_path_length(tmp_path):
         assert result.exit_code == 2
         assert f"corpus={str(missing)!r} is neither" in result.output
         assert "nor an existing text file" in result.output
+
+
+def test_dct_paper_preset_error_feedback_and_per_layer_clipping_from_the_cli(corpus, tmp_path):
+    from rankwise.pretrain.recipe import build_model, build_optimizer
+
+    config = PretrainConfig(method="dct", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                            dct_preset="paper", dct_error_feedback=True)
+    groups = [g for g in build_optimizer(build_model(config), config).param_groups if "rank" in g]
+    assert groups and all(g["update_proj_gap"] == 1 and not g["stable_slots"] and g["use_ef"] for g in groups)
+    with pytest.raises(ConfigError, match="dct_preset"):
+        PretrainConfig(method="dct", dct_preset="fast")
+    metrics = _pretrain(corpus, tmp_path / "dct", "--method", "dct", "--dct-preset", "paper", "--dct-error-feedback",
+                        "--per-layer", "--steps", "3", "--eval-every", "3")
+    assert metrics["final_val_ppl"] > 0
