@@ -91,7 +91,7 @@ def mnn_command(
 
 def intrinsic_dim_command(
     dims: str = typer.Option("20,80,160,320,640", help="comma-separated subspace sizes d"),
-    projection: str = typer.Option("dense", help="dense or fastfood"),
+    projection: str = typer.Option("dense", help="dense, sparse (the paper's sparse random projection) or fastfood"),
     seeds: int = typer.Option(3), steps: int = typer.Option(300),
     out: Path = typer.Option(None, "--output", "-o", "--out", help="write the sweep JSON here"),
 ):

@@ -5,8 +5,11 @@ ICLR 2018, arXiv 1804.08838 (reference code: uber-research/intrinsic-dimension).
 
     theta (D) = theta_0 (D, frozen random init) + P (D x d, frozen) @ theta_d (d, trained, starts at 0)
 
-P is either *dense* (N(0,1) entries, every column scaled to unit norm; O(D d) memory) or
-*Fastfood* (O(D) memory, O(D log D) time)::
+P is *dense* (N(0,1) entries, every column scaled to unit norm; O(D d) memory), *sparse* (the
+reference code's `SparseRandomProjection` variant: per parameter tensor of D_l entries, each entry of P
+is +-1 with probability 1/sqrt(D_l) and 0 otherwise, then every column scaled to unit norm across all
+tensors; stored as a sparse matrix, d * sum_l sqrt(D_l) non-zeros expected), or *Fastfood* (O(D) memory,
+O(D log D) time)::
 
     LL = 2^ceil(log2 D);  x = H (G * Pi(H (B * pad(theta_d, LL))));  keep the first D entries;
     divide by sqrt(LL * sum G^2) * sqrt(D / LL)       (columns have norm ~1)
@@ -28,7 +31,7 @@ from torch.func import functional_call
 from rankwise.core.errors import ConfigError
 from rankwise.linalg import fwht, seeded_generator
 
-PROJECTIONS = ("dense", "fastfood")
+PROJECTIONS = ("dense", "sparse", "fastfood")
 
 
 class DenseProjection(nn.Module):
@@ -41,6 +44,55 @@ class DenseProjection(nn.Module):
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         return self.P @ theta
+
+
+class SparseProjection(nn.Module):
+    """theta_d (d) -> P theta_d (D), P sparse with unit-norm columns (the paper's sparse variant).
+
+    P is split into row blocks, one per parameter tensor (`layer_sizes`, summing to D). In a block of
+    D_l rows each entry is non-zero with probability density_l = 1/sqrt(D_l) (sklearn's "auto" density,
+    which the reference code uses per layer), with a random sign; each column is then scaled to unit
+    norm over all blocks. Only the non-zeros are stored (a COO matrix), so memory is
+    ~ sum_l density_l * D_l * d = d * sum_l sqrt(D_l) values, against D * d for dense::
+
+        P (D x d)  =  [ block for tensor 1 (D_1 x d, density 1/sqrt(D_1)) ]
+                      [ block for tensor 2 (D_2 x d, density 1/sqrt(D_2)) ]   columns: unit norm
+                      [ ...                                               ]
+    """
+
+    def __init__(self, D: int, d: int, seed: int = 0, layer_sizes: list[int] | None = None):
+        super().__init__()
+        layer_sizes = [D] if layer_sizes is None else list(layer_sizes)
+        if sum(layer_sizes) != D or any(size < 1 for size in layer_sizes):
+            raise ConfigError(f"layer_sizes={layer_sizes} is invalid: expected positive sizes summing to D={D}.")
+        generator = seeded_generator(seed)
+        rows, cols = [], []
+        offset = 0
+        for size in layer_sizes:
+            density = 1.0 / math.sqrt(size)
+            # draw the (size x d) mask a few columns at a time: the transient stays ~1M entries whatever D d is
+            width = max(1, (1 << 20) // size)
+            for first in range(0, d, width):
+                block_rows, block_cols = (torch.rand(size, min(width, d - first), generator=generator) < density).nonzero(as_tuple=True)
+                rows.append(offset + block_rows)
+                cols.append(first + block_cols)
+            offset += size
+        row_index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        col_index = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
+        empty = torch.ones(d, dtype=torch.bool)
+        empty[col_index] = False
+        if bool(empty.any()):  # a column with no entry at all would be a dead direction: give it one
+            lonely = empty.nonzero().flatten()
+            row_index = torch.cat([row_index, torch.randint(D, (len(lonely),), generator=generator)])
+            col_index = torch.cat([col_index, lonely])
+        signs = torch.randint(2, (row_index.numel(),), generator=generator).float() * 2 - 1
+        per_column = torch.bincount(col_index, minlength=d).float()
+        values = signs / per_column[col_index].sqrt()  # +-1/sqrt(nnz of the column): unit-norm columns
+        P = torch.sparse_coo_tensor(torch.stack([row_index, col_index]), values, (D, d), check_invariants=True).coalesce()
+        self.register_buffer("P", P, persistent=False)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(self.P, theta.unsqueeze(1)).squeeze(1)
 
 
 class FastfoodProjection(nn.Module):
@@ -80,7 +132,10 @@ class SubspaceModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.register_buffer("theta0", theta0, persistent=False)
-        self.projection = (DenseProjection if projection == "dense" else FastfoodProjection)(D, d, seed)
+        if projection == "sparse":
+            self.projection = SparseProjection(D, d, seed, layer_sizes=[math.prod(s) for s in self.shapes])
+        else:
+            self.projection = (DenseProjection if projection == "dense" else FastfoodProjection)(D, d, seed)
         self.theta_d = nn.Parameter(torch.zeros(d))
 
     def full_parameters(self) -> dict[str, torch.Tensor]:

@@ -110,7 +110,7 @@ def complete_command(
     file: Path = typer.Argument(..., help=".mtx or .npz (rows, cols, values, shape) of observed entries"),
     rank: int = typer.Option(..., "--rank", "-r"),
     iterations: int = typer.Option(30),
-    solver: str = typer.Option("sketch", help="sketch (sketched CG, inexact) or exact"),
+    solver: str = typer.Option("auto", help="auto (picks from the rank: see the docs), sketch (sketched CG, inexact) or exact"),
     delta: float = typer.Option(1e-10, help="relative residual of each inexact least-squares solve"),
     tol: float = typer.Option(0.0, help="stop when the observed-entry relative error is <= tol"),
     seed: int = typer.Option(0),

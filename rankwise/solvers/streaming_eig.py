@@ -12,9 +12,12 @@ sample and derail the iteration. The concrete form here is the spec's reconstruc
         y = (n / |block_j|) sum_{light a in block_j} (a^T z) a  +  H^T (H z)
         z_j = y / ||y||
 
-Memory: (h + 2) d floats (h = number of heavy rows) plus the current chunk of rows; time O(n d + B h d).
-In block 1 the threshold is not known yet: rows above a running estimate are held as candidates
-and settled when the block ends (light ones then join that block's sum, which only needs z_0).
+Memory: (h + k + 2) d floats, h = number of heavy rows, k = block-1 rows not settled yet, plus the current
+chunk of rows; time O(n d + B h d). In block 1 the threshold is not known yet, but its value on the rows seen
+so far is a lower bound of it (it only grows): a row under that bound is light for sure and joins the block's
+sum at once (which only needs z_0); only rows above it are held until the block ends. Their norms sum to at most
+the block's, so k <= d L |block_1| / n ~ d L / B at any time, independent of n (before: all of block 1, n d / B).
+`info["stored_floats"]` is the peak of everything held, k included.
 The paper's row-norm sampling of light rows is not implemented (spec: not validated).
 """
 from __future__ import annotations
@@ -61,7 +64,7 @@ def streaming_top_eigenvector(
         reference: optional true top eigenvector, to record `correlation` |<z_j, v1>| per block.
 
     Returns a `SolverResult` with `solution` the unit vector z_B, history `correlation` (with a
-    reference) and info `heavy_rows`, `stored_floats` (the O((h+2) d) state), `rows_seen`.
+    reference) and info `heavy_rows`, `stored_floats` (peak floats held: (h + k + 2) d), `peak_rows_held`, `rows_seen`.
     """
     if isinstance(rows, torch.Tensor):
         n_rows = rows.shape[0] if n_rows is None else n_rows
@@ -70,10 +73,10 @@ def streaming_top_eigenvector(
     history: dict[str, list[float]] = {"correlation": []} if reference is not None else {}
 
     z = y = None
-    heavy: list[torch.Tensor] = []
-    candidates: list[torch.Tensor] = []
+    heavy = candidates = None  # (h, d) stored heavy rows; (k, d) block-1 rows not yet settled
     seen = block = in_block = 0
-    block_size = first_block_norms = light_seen_norms = threshold = None
+    peak_rows_held = 0
+    block_size = first_block_norms = threshold = None
     n_blocks = blocks
     with Stopwatch() as clock:
         for chunk in _row_chunks(rows):
@@ -88,7 +91,9 @@ def streaming_top_eigenvector(
                 z = torch.randn(d, generator=seeded_generator(seed), dtype=torch.float64)
                 z /= torch.linalg.norm(z)
                 y = torch.zeros(d, dtype=torch.float64)
-                first_block_norms = light_seen_norms = 0.0
+                heavy = torch.zeros(0, d, dtype=torch.float64)
+                candidates = torch.zeros(0, d, dtype=torch.float64)
+                first_block_norms = 0.0
             elif chunk.shape[1] != z.shape[0]:
                 raise ShapeError(f"row width changed from {z.shape[0]} to {chunk.shape[1]} mid-stream.")
             start = 0
@@ -97,31 +102,35 @@ def streaming_top_eigenvector(
                 part = chunk[start:start + take]
                 norms = (part * part).sum(1)
                 if not handle_heavy:
-                    is_heavy = torch.zeros_like(norms, dtype=torch.bool)
+                    light = part
                 elif block == 0:
+                    # The threshold F^/(dL) needs all of block 1. It only grows as rows arrive, so its value on
+                    # the rows seen so far is a lower bound: a row under it is light for sure and joins y now
+                    # (y only needs z_0). Only rows above it stay held; their norms sum to at most the block's,
+                    # so at most dL|block_1|/n + h rows are held at any time, whatever n is.
                     first_block_norms += float(norms.sum())
-                    # running estimate from light rows seen so far; nothing seen yet -> hold as candidate
-                    estimate = n_rows / max(seen + in_block, 1) * max(light_seen_norms, 0.0)
-                    is_heavy = norms >= estimate / (d * polylog)
-                    light_seen_norms += float(norms[~is_heavy].sum())
-                    candidates.extend(part[is_heavy])
+                    lower_bound = n_rows / block_size * first_block_norms / (d * polylog)
+                    settled = (candidates * candidates).sum(1) < lower_bound
+                    if bool(settled.any()):
+                        y += candidates[settled].T @ (candidates[settled] @ z)
+                    opens = norms >= lower_bound
+                    light = part[~opens]
+                    # new tensor with its own storage: no view keeps a whole chunk alive
+                    candidates = torch.cat([candidates[~settled], part[opens]])
                 else:
                     is_heavy = norms >= threshold
-                    heavy.extend(part[is_heavy])
-                light = part[~is_heavy]
+                    if bool(is_heavy.any()):
+                        heavy = torch.cat([heavy, part[is_heavy]])
+                    light = part[~is_heavy]
                 y += light.T @ (light @ z)
+                peak_rows_held = max(peak_rows_held, heavy.shape[0] + candidates.shape[0])
                 in_block += take
                 start += take
                 if in_block == block_size:
                     seen += in_block
+                    heavy, candidates = _settle_first_block(block, handle_heavy, n_rows, in_block, first_block_norms, d, polylog, heavy, candidates, y, z)
                     if block == 0 and handle_heavy:
                         threshold = n_rows / block_size * first_block_norms / (d * polylog)
-                        for row in candidates:  # settle block 1's candidates now that F^ is known
-                            if float(row @ row) >= threshold:
-                                heavy.append(row)
-                            else:
-                                y += row * float(row @ z)
-                        candidates = []
                     z = _power_step(y, n_rows / in_block, heavy, z)
                     if reference is not None:
                         history["correlation"].append(abs(float(z @ reference.double())) / float(torch.linalg.norm(reference.double())))
@@ -132,19 +141,32 @@ def streaming_top_eigenvector(
             raise ShapeError("rows is empty: the stream must contain at least one row.")
         if in_block:  # a short last block (the stream was shorter than n_rows said)
             seen += in_block
+            heavy, candidates = _settle_first_block(block, handle_heavy, n_rows, in_block, first_block_norms, d, polylog, heavy, candidates, y, z)
             z = _power_step(y, n_rows / block_size, heavy, z)
             block += 1
             if reference is not None:
                 history["correlation"].append(abs(float(z @ reference.double())) / float(torch.linalg.norm(reference.double())))
-    info = {"heavy_rows": len(heavy), "stored_floats": (len(heavy) + 2) * z.shape[0], "rows_seen": seen, "blocks": block}
+    # everything the state held at its largest: stored rows (heavy + unsettled block-1 rows) plus y and z
+    info = {"heavy_rows": heavy.shape[0], "stored_floats": (peak_rows_held + 2) * z.shape[0],
+            "peak_rows_held": peak_rows_held, "rows_seen": seen, "blocks": block}
     return SolverResult(solution=z, history=history, iterations=block, seconds=clock.seconds, info=info)
 
 
-def _power_step(light_sum: torch.Tensor, light_scale: float, heavy: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+def _settle_first_block(block, handle_heavy, n_rows, rows_in_block, norms_sum, d, polylog, heavy, candidates, y, z):
+    """At the end of block 1, F^ is known: held rows above the threshold become heavy, the rest join y."""
+    if block != 0 or not handle_heavy:
+        return heavy, candidates
+    threshold = n_rows / rows_in_block * norms_sum / (d * polylog)
+    is_heavy = (candidates * candidates).sum(1) >= threshold
+    light = candidates[~is_heavy]
+    y += light.T @ (light @ z)
+    return torch.cat([heavy, candidates[is_heavy]]), candidates[:0]
+
+
+def _power_step(light_sum: torch.Tensor, light_scale: float, heavy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     y = light_scale * light_sum
-    if heavy:
-        H = torch.stack(heavy)
-        y = y + H.T @ (H @ z)
+    if heavy.shape[0]:
+        y = y + heavy.T @ (heavy @ z)
     norm = torch.linalg.norm(y)
     return y / norm if norm > 0 else z
 

@@ -1,4 +1,6 @@
 """Spec checks for robust alternating-minimisation completion (arXiv 2302.11068), methods-theory.md 3(a)."""
+import math
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def problem():
 @pytest.mark.parametrize("delta", [1e-2, 1e-4, 1e-8])
 def test_inexact_solves_keep_convergence_with_a_floor_linear_in_delta(problem, delta):
     rows, cols, values, truth = problem
-    result = altmin_completion(rows, cols, values, (400, 400), 8, iterations=20, delta=delta, target=truth)
+    result = altmin_completion(rows, cols, values, (400, 400), 8, iterations=20, solver="sketch", delta=delta, target=truth)
     assert result.history["rel_err"][-1] <= 10 * delta + 1e-9
     assert result.info["cg_steps"] > 0
 
@@ -40,7 +42,8 @@ def test_a_fixed_tiny_number_of_cg_steps_stalls(problem, steps, floor):
     """The spec's toy: 1 or 2 CG steps per solve, whatever delta, stall at 0.87 / 0.55."""
     rows, cols, values, truth = problem
     result = altmin_completion(
-        rows, cols, values, (400, 400), 8, iterations=20, delta=1e-30, max_cg=steps, warm_start=False, target=truth
+        rows, cols, values, (400, 400), 8, iterations=20, solver="sketch", delta=1e-30, max_cg=steps, warm_start=False,
+        target=truth,
     )
     assert result.history["rel_err"][-1] > floor
 
@@ -89,3 +92,29 @@ def test_a_row_without_observations_stays_finite():
     others = torch.arange(120) != 5
     rest = (U_hat @ V_hat.T)[others]
     assert float(torch.linalg.norm(rest - (U @ V.T)[others]) / torch.linalg.norm((U @ V.T)[others])) < 1e-6
+
+
+def test_auto_solver_rule_picks_exact_over_the_measured_ranks_and_sizes():
+    """Issue 19 item 10: the default used to be "sketch", 2-12x slower than "exact" at rank 10."""
+    from rankwise.solvers.completion import AUTO_MEASURED_MAX_RANK, choose_solver
+
+    for n in (1000, 4000, 100_000):
+        for r in (5, 10, 20, AUTO_MEASURED_MAX_RANK):
+            assert choose_solver(r, (n, n), int(3 * n * r * math.log(n))) == "exact"
+    # the default call goes through the rule, and says which solver ran
+    rows, cols, values, truth = completion_problem(m=120, n=120, k=12, p=0.6, seed=4)
+    default = altmin_completion(rows, cols, values, (120, 120), 12, iterations=2)
+    assert default.info["solver"] == "exact" and default.info["cg_steps"] == 0
+    sketch = altmin_completion(rows, cols, values, (120, 120), 12, iterations=2, solver="sketch")
+    assert sketch.info["solver"] == "sketch" and sketch.info["cg_steps"] > 0
+
+
+def test_auto_solver_reaches_the_same_error_as_exact_and_sketch(problem):
+    rows, cols, values, truth = problem
+    auto = altmin_completion(rows, cols, values, (400, 400), 8, iterations=20, tol=1e-9, target=truth)
+    exact = altmin_completion(rows, cols, values, (400, 400), 8, iterations=20, tol=1e-9, target=truth, solver="exact")
+    sketch = altmin_completion(rows, cols, values, (400, 400), 8, iterations=20, tol=1e-9, target=truth, solver="sketch")
+    assert auto.info["solver"] == "exact" and auto.info["cg_steps"] == 0
+    assert auto.history["rel_err"] == exact.history["rel_err"]
+    assert auto.history["rel_err"][-1] <= 1e-9 and sketch.history["rel_err"][-1] <= 1e-9
+    assert auto.iterations <= sketch.iterations + 1

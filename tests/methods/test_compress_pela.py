@@ -77,3 +77,51 @@ def test_bad_config():
         PelaConfig(steps=-1)
     with pytest.raises(ConfigError, match="trainable"):
         PelaConfig(trainable="lora")
+
+
+def _blockless_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))  # no repeated blocks to distil
+
+
+def test_no_blocks_is_an_error_not_a_silent_switch_to_logits():
+    """Issue 19 item 6: kd_alpha used to fall back to a logits MSE without a word when a model had no blocks."""
+    cal = [torch.randn(8, 16) for _ in range(2)]
+    with pytest.raises(ConfigError, match="feature_fallback='logits'"):
+        compress(_blockless_mlp(), "pela", cal, ratio=0.5, steps=2, task_weight=0.0)
+    with pytest.warns(UserWarning, match="feature_fallback='logits'"):
+        model, report = compress(_blockless_mlp(), "pela", cal, ratio=0.5, steps=2, task_weight=0.0,
+                                 feature_fallback="logits")
+    assert report.extra["history"][0]["features"] > 0
+    _, report = compress(_blockless_mlp(), "pela", cal, ratio=0.5, steps=2, task_weight=0.0, kd_alpha=0.0)
+    assert "features" not in report.extra["history"][0]
+    with pytest.raises(ConfigError, match="feature_fallback"):
+        PelaConfig(feature_fallback="silent")
+
+
+def test_paper_defaults_train_every_parameter_with_weight_decay_005(monkeypatch):
+    """Issue 19 item 6: the paper trains all student parameters (uncompressed ones too) with AdamW wd 0.05."""
+    seen = []
+    real_adamw = torch.optim.AdamW
+
+    def spying_adamw(params, **kwargs):
+        optimizer = real_adamw(params, **kwargs)
+        seen.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "AdamW", spying_adamw)
+    base = tiny_llama()
+    cal = token_batches(2, seq=16)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model, _ = compress(copy.deepcopy(base), "pela", cal, ratio=0.5, steps=3, lr=1e-3)
+    (optimizer,) = seen
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in model.parameters()}
+    assert not torch.equal(dict(model.named_parameters())["model.norm.weight"], before["model.norm.weight"])
+    # the old cheap variant is one explicit option away: only the factors move
+    seen.clear()
+    cheap, _ = compress(copy.deepcopy(base), "pela", cal, ratio=0.5, steps=3, lr=1e-3, trainable="factors", weight_decay=0.0)
+    assert seen[0].param_groups[0]["weight_decay"] == 0.0
+    assert torch.equal(dict(cheap.named_parameters())["model.norm.weight"], before["model.norm.weight"])
+    assert len({id(p) for g in seen[0].param_groups for p in g["params"]}) < len(list(cheap.parameters()))

@@ -1,4 +1,6 @@
 """`rankwise solve ...` end to end on .mtx / .npz / .npy files."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,12 @@ def test_complete_from_matrix_market(tmp_path):
     assert result.exit_code == 0, result.output
     with np.load(out) as factors:
         assert np.linalg.norm(factors["U"] @ factors["V"].T - U @ V.T) / np.linalg.norm(U @ V.T) < 1e-6
+    # the default --solver auto picked exact at rank 3 (issue 19 item 10); --solver sketch still runs sketched CG
+    assert re.search(r"solver\s*│\s*exact", result.output), result.output
+    result = runner.invoke(app, ["solve", "complete", str(tmp_path / "obs.mtx"), "--rank", "3", "--solver", "sketch", "--out", str(out)])
+    assert result.exit_code == 0 and re.search(r"solver\s*│\s*sketch", result.output), result.output
+    result = runner.invoke(app, ["solve", "complete", str(tmp_path / "obs.mtx"), "--rank", "3", "--solver", "fast"])
+    assert result.exit_code == 2 and "auto" in result.output
 
 
 def test_complete_from_npz_and_errors(tmp_path):
