@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, overflow="fold")
         for e in entries:
             table.add_row(e.family, e.name, e.paper or "-", e.runs, e.summary)
-        console.print(table)
+        Console().print(table)  # a console made now sizes the table to the terminal (COLUMNS) of this call
 
     @app.command("finetune")
     def finetune(
