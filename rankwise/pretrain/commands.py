@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
         quiet: bool = typer.Option(False, help="no progress bar"),
+        device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda"),
     ) -> None:
         """Pretrain a small LLaMA-style causal LM from scratch on real offline text."""
         import torch
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
                                     batch_size=batch_size, steps=steps, lr=lr, weight_decay=weight_decay, rank=rank,
                                     update_proj_gap=update_proj_gap, galore_scale=galore_scale, sparsity=sparsity,
                                     gamma=gamma, per_layer=per_layer, eval_every=eval_every, seed=seed)
-            metrics = pretrain(config, out, show_progress=not quiet)
+            metrics = pretrain(config, out, show_progress=not quiet, device=device)
         except RankwiseError as error:
             print_error(error, console)
             raise typer.Exit(code=2) from error

@@ -84,3 +84,16 @@ def test_error_messages_stay_whole_whatever_the_path_length(tmp_path):
         assert result.exit_code == 2
         assert f"corpus={str(missing)!r} is neither" in result.output
         assert "nor an existing text file" in result.output
+
+
+def test_device_flag(corpus, tmp_path):
+    """--device cuda without CUDA is a clear exit-2 error before any data is read; --device cpu trains."""
+    import torch
+
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, ["pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "gpu"), *TINY,
+                                          "--steps", "2", "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "gpu").exists()
+    metrics = _pretrain(corpus, tmp_path / "cpu", "--steps", "2", "--eval-every", "2", "--device", "cpu")
+    assert metrics["tokens"] == 2 * 4 * 32
