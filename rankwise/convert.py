@@ -178,21 +178,25 @@ def _lora_model(base_model: nn.Module, source, factors: dict[str, tuple[torch.Te
 TARGETS = ("peft", "vllm", "gguf", "merged")  # `lora` is accepted as the old name of `peft`
 
 
-def load_base_for_adapter(adapter_dir: str | Path, model_path: str | Path | None):
+def load_base_for_adapter(adapter_dir: str | Path, model_path: str | Path | None, device: str = "cpu"):
     """(model, tokenizer or None) the adapter directory fits, from a local model dir (default: the embedded MiniLM).
 
     A causal LM directory (config `architectures` ending in ForCausalLM) is loaded as one; a file that saved
     a classifier head is loaded as a sequence classifier with that many labels; otherwise as the bare model.
     The first candidate the adapter loads onto wins. A directory without a tokenizer gives None.
+    Causal LMs and classifiers load through the shared `rankwise.data.models.load_base` (float32, on `device`);
+    the bare-encoder fallback is a plain `AutoModel`, which `load_base` does not build.
     """
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     from rankwise.core.errors import RankwiseError
     from rankwise.core.io import load_adapter
-    from rankwise.data.models import default_model_path, load_classifier
+    from rankwise.data.models import default_model_path, load_base, load_classifier, resolve_device
+
+    torch_device = resolve_device(device)
 
     path = Path(model_path) if model_path is not None else default_model_path()
     if not (path / "config.json").is_file():
@@ -203,9 +207,10 @@ def load_base_for_adapter(adapter_dir: str | Path, model_path: str | Path | None
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     # float32: exports measure the adapter's update, not a bf16 checkpoint's rounding (a merge into bf16
     # weights can lose an update below bf16's resolution; `--for merged --dtype` chooses the stored type).
-    candidates = [lambda: load_classifier(path, num_labels)[0], lambda: AutoModel.from_pretrained(path, dtype=torch.float32)]
+    candidates = [lambda: load_classifier(path, num_labels, device=device, with_tokenizer=False)[0],
+                  lambda: AutoModel.from_pretrained(path, dtype=torch.float32).to(torch_device)]
     if any(str(a).endswith("ForCausalLM") for a in architectures):
-        candidates.insert(0, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        candidates.insert(0, lambda: load_base(path, task="causal-lm", device=device, with_tokenizer=False)[0])
     for load in candidates:
         model = load().eval()
         try:
@@ -252,8 +257,13 @@ MERGED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def run_export(target: str, adapter_dir: Path, output: Path, model_path: Path | None, rank: int | str | None,
-               tol: float | None, progress: Callable[[str], None] | None = None, dtype: str | None = None) -> ConversionReport:
-    """One export by name (`peft`/`lora`, `vllm`, `gguf`, `merged`), the base loaded (float32) from `model_path`."""
+               tol: float | None, progress: Callable[[str], None] | None = None, dtype: str | None = None,
+               device: str = "cpu") -> ConversionReport:
+    """One export by name (`peft`/`lora`, `vllm`, `gguf`, `merged`), the base loaded (float32) from `model_path`.
+
+    device: where the base runs (its SVDs and the output measurement): auto | cpu | cuda; the files are written
+            from CPU copies.
+    """
     import warnings
 
     from rankwise.export import export_gguf_lora, export_merged, export_vllm_lora
@@ -266,8 +276,12 @@ def run_export(target: str, adapter_dir: Path, output: Path, model_path: Path | 
         raise ConfigError("--rank/--tol do not apply to --for merged (a merge is exact); drop them")
     if dtype is not None and (target != "merged" or dtype not in MERGED_DTYPES):
         raise ConfigError(f"--dtype {dtype!r}: only --for merged takes a dtype, one of {', '.join(MERGED_DTYPES)}")
-    base, tokenizer = load_base_for_adapter(adapter_dir, model_path)
-    inputs = sample_token_inputs(base, tokenizer)
+    from rankwise.data.models import resolve_device
+    from rankwise.train.tasks import to_device
+
+    torch_device = resolve_device(device)
+    base, tokenizer = load_base_for_adapter(adapter_dir, model_path, device)
+    inputs = to_device(sample_token_inputs(base, tokenizer), torch_device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what is left out is in the report, printed below
         if target == "merged":
@@ -298,6 +312,7 @@ def register(app) -> None:
         model: Optional[Path] = typer.Option(None, help="Base model dir the adapter was trained on (default: embedded MiniLM)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="Output (default: ADAPTER_DIR-lora, -vllm, -merged, ADAPTER_DIR.gguf)."),
         dtype: Optional[str] = typer.Option(None, help="--for merged: stored weight type, float32 (default), bfloat16 or float16."),
+        device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda: where the base runs."),
     ) -> None:
         """Export any adapter for serving: PEFT LoRA, vLLM LoRA, GGUF LoRA (llama.cpp) or a merged model; report errors."""
         from rankwise.core.console import print_error
@@ -309,7 +324,8 @@ def register(app) -> None:
             rank_value: int | str | None = None if rank is None else "auto" if rank == "auto" else _int_rank(rank)
             with console.status("[bold]exporting...") as status:
                 report = run_export(name, adapter_dir, out, model, rank_value, tol,
-                                    progress=lambda layer: status.update(f"[bold]SVD of {layer}"), dtype=dtype)
+                                    progress=lambda layer: status.update(f"[bold]SVD of {layer}"), dtype=dtype,
+                                    device=device)
         except RankwiseError as err:
             print_error(err, console)
             raise typer.Exit(2) from None

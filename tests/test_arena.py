@@ -129,3 +129,16 @@ def test_randlora_trains_at_the_grid_rate_with_pefts_scale(tiny_csv):
         groups = _param_groups(model, 1e-2)
         assert {g.get("lr", 1e-2) for g in groups} == {1e-2}  # one rate for adapter and head alike
         assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_device_flag(tiny_csv, tmp_path):
+    """--device cuda without CUDA: exit 2 with the clear message; --device cpu runs (and keeps CPU result keys)."""
+    args = ["bench", "arena", "--quick", "--data", str(tiny_csv), "--methods", "lora", "--no-peft"]
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, [*args, "--output", str(tmp_path / "gpu"), "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "gpu").exists()
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "cpu"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result_path(tmp_path / "cpu", "lora").read_text())
+    assert "error" not in record and "device" not in record["spec"]

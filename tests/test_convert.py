@@ -177,3 +177,20 @@ def test_cli_converts_a_classifier_adapter(tiny_model_dir, tmp_path):  # noqa: F
     torch.testing.assert_close(head, model.model.classifier.modules_to_save["default"].weight)  # trained head copied
     bad = runner.invoke(app, ["convert", str(tmp_path / "src"), "--to", "onnx"])
     assert bad.exit_code == 2 and "is not an export" in bad.output and "peft" in bad.output
+
+
+def test_cli_device_flag(tiny_model_dir, tmp_path):  # noqa: F811
+    """--device cuda without CUDA: exit 2 with the clear message, nothing written; --device cpu converts."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    rankwise.adapt(base, rankwise.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
+                   ).save_adapter(tmp_path / "src")
+    args = ["convert", str(tmp_path / "src"), "--to", "lora", "--model", str(tiny_model_dir)]
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, [*args, "--output", str(tmp_path / "gpu"), "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "gpu").exists()
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "cpu"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cpu" / REPORT_NAME).read_text())["output_max_abs_diff"] < 1e-3

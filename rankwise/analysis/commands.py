@@ -68,14 +68,19 @@ def mnn_command(
     entropy: bool = typer.Option(False, help="also compute SVD-based matrix entropy and time both"),
     max_length: int = typer.Option(2048), limit: int = typer.Option(None, help="use the first N texts"),
     out: Path = typer.Option(None, "--output", "-o", "--out", help="write the result JSON here"),
+    device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda: where the model runs"),
 ):
     """Matrix Nuclear-Norm (arXiv 2410.10672) of a model's hidden states on a text file."""
     from rankwise.analysis.mnn import evaluate_texts, load_base_model, read_texts
 
+    from rankwise.data.models import resolve_device
+
     try:
+        torch_device = resolve_device(device)  # before anything loads
         texts = read_texts(data, field)[:limit]
         with console.status(f"loading {model}"):
             network, tokenizer = load_base_model(model)
+            network.to(torch_device)
     except RankwiseError as error:
         _fail(error)
     metrics = ("mnn", "entropy") if entropy else ("mnn",)

@@ -102,7 +102,7 @@ def hidden_states(model, tokenizer, text: str, max_length: int = 2048) -> torch.
     if ids.shape[1] == 0:
         return torch.zeros(0, 1)
     with torch.no_grad():
-        return model(input_ids=ids)[0][0]
+        return model(input_ids=ids.to(next(model.parameters()).device))[0][0]
 
 
 def evaluate_texts(

@@ -119,6 +119,7 @@ def register(app) -> None:
         data: Optional[Path] = typer.Option(None, help="CSV/JSONL with text,label (default: embedded tweets)."),
         fresh: bool = typer.Option(False, "--fresh", help="Ignore finished results and run everything again."),
         threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+        device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda: where contenders run."),
     ) -> None:
         """Run the head-only baseline and every adapter method (and PEFT's where it exists) on one task with an equal
         budget; table, JSON, PNGs."""
@@ -134,6 +135,9 @@ def register(app) -> None:
                      "lrs": tuple(float(x) for x in lrs.split(",")) if lrs else None}
         spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
         try:
+            from rankwise.data.models import resolve_device
+
+            spec = replace(spec, device=resolve_device(device).type)  # a clear error before anything runs
             run_arena(spec, output, fresh=fresh)
         except RankwiseError as err:
             print_error(err)

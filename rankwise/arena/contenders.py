@@ -29,6 +29,7 @@ class ArenaSpec:
     quick: bool = False                 # tiny BERT built from a config (byte tokens), for CI
     model_path: Optional[str] = None
     data_path: Optional[str] = None
+    device: str = "cpu"                 # auto | cpu | cuda: where every contender trains and is timed
 
 
 QUICK = dict(steps=3, batch_size=8, lrs=(1e-3, 1e-2), eval_size=24, timing_rounds=2, quick=True, max_length=32)
@@ -40,6 +41,8 @@ def spec_key(spec: ArenaSpec) -> dict[str, Any]:
     key.pop("methods")
     key.pop("peft")
     key["lrs"] = list(spec.lrs)
+    if key["device"] == "cpu":  # results stored before the field existed were CPU runs: they still match
+        key.pop("device")
     return key
 
 
@@ -133,10 +136,12 @@ def tiny_classifier(num_labels: int) -> nn.Module:
 
 
 def build_task(spec: ArenaSpec) -> Task:
-    from rankwise.data.models import load_classifier
+    from rankwise.data.models import load_classifier, resolve_device
     from rankwise.data.text import load_text_classification
     from rankwise.train.finetune import HEAD_NAMES, _batches, _encode
+    from rankwise.train.tasks import to_device
 
+    device = resolve_device(spec.device)
     data = load_text_classification(spec.data_path, spec.steps * spec.batch_size, 2 * spec.eval_size, spec.seed)
     torch.manual_seed(spec.seed)
     if spec.quick and spec.model_path is None:
@@ -144,18 +149,19 @@ def build_task(spec: ArenaSpec) -> Task:
         encode = lambda texts: _byte_ids(texts, spec.max_length)  # noqa: E731
         model_name = "tiny BERT (config, byte tokens)"
     else:
-        base, tokenizer = load_classifier(spec.model_path, len(data.label_names))
+        base, tokenizer = load_classifier(spec.model_path, len(data.label_names), device=spec.device)
         pad_id = tokenizer.pad_token_id or 0
         encode = lambda texts: _encode(tokenizer, texts, spec.max_length)  # noqa: E731
         model_name = Path(spec.model_path).name if spec.model_path else "all-MiniLM-L6-v2 (embedded)"
     half = len(data.test_texts) // 2
     test_ids = encode(data.test_texts)
+    on_device = lambda batches: [to_device(b, device) for b in batches]  # noqa: E731
     return Task(
-        base=base.eval(),
+        base=base.to(device).eval(),
         head=[name for name, _ in base.named_children() if name in HEAD_NAMES],
-        train=_batches(encode(data.train_texts), data.train_labels, spec.batch_size, pad_id, seed=spec.seed),
-        val=_batches(test_ids[:half], data.test_labels[:half], 64, pad_id),
-        test=_batches(test_ids[half:], data.test_labels[half:], 64, pad_id),
+        train=on_device(_batches(encode(data.train_texts), data.train_labels, spec.batch_size, pad_id, seed=spec.seed)),
+        val=on_device(_batches(test_ids[:half], data.test_labels[:half], 64, pad_id)),
+        test=on_device(_batches(test_ids[half:], data.test_labels[half:], 64, pad_id)),
         description=f"{model_name} on {data.source}: {len(data.train_texts)} train, {half} val, {len(test_ids) - half} test",
     )
 

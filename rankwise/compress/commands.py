@@ -32,13 +32,20 @@ def _parse_options(options: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_model_and_tokenizer(model_ref: str):
-    """A transformers model (float32, eval) and its tokenizer from a directory or an offline alias."""
+def load_model_and_tokenizer(model_ref: str, device: str = "cpu"):
+    """A transformers model (float32, eval, on `device`) and its tokenizer from a directory or an offline alias.
+
+    Causal LMs load through the shared `rankwise.data.models.load_base`. Encoders stay a bare `AutoModel` (no
+    classification head: compression is judged on the sentence embeddings), which `load_base` does not build.
+    The tokenizer is optional here (pre-tokenised .safetensors calibration needs none), so it is loaded apart.
+    """
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, AutoConfig
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from rankwise.data import offline_assets
+    from rankwise.data.models import load_base, resolve_device
 
+    torch_device = resolve_device(device)
     path = {"smollm2": offline_assets.smollm2_dir, "minilm": offline_assets.minilm_dir}.get(model_ref)
     path = Path(path() if path else model_ref)
     if not (path / "config.json").exists():
@@ -46,13 +53,23 @@ def load_model_and_tokenizer(model_ref: str):
                           f"directory or one of {', '.join(MODEL_ALIASES)}")
     config = AutoConfig.from_pretrained(str(path))
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(str(path), dtype=torch.float32).eval()
+    if causal:
+        model, _ = load_base(path, task="causal-lm", dtype="float32", device=device, with_tokenizer=False)
+    else:
+        model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(torch_device)
+    model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError):
         tokenizer = None  # fine with pre-tokenised calibration (.safetensors input_ids)
     return model, tokenizer, causal
+
+
+def batches_to_device(batches: list, device) -> list:
+    """Calibration/held-out batches (token-id tensors or tokenizer dicts) moved to the model's device."""
+    from rankwise.train.tasks import to_device
+
+    return [to_device(b, device) if isinstance(b, dict) else b.to(device) for b in batches]
 
 
 def load_calibration_text(data: str) -> str:
@@ -123,6 +140,7 @@ def compress_command(
     seq_len: int = typer.Option(128, help="tokens per sequence"),
     target: Optional[list[str]] = typer.Option(None, "--target", help="regex of layers to compress (repeatable)"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="method option KEY=VALUE (repeatable)"),
+    device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda: where the model and batches run"),
 ) -> None:
     """Compress MODEL into low-rank/smaller layers and write a loadable model plus report.json."""
     from rich.console import Console
@@ -131,9 +149,11 @@ def compress_command(
     from rankwise.compress import get_method, save_compressed
     from rankwise.compress._common import check_calibration
     from rankwise.compress.evaluate import cpu_latency_ms, mean_pooled_embeddings
+    from rankwise.data.models import resolve_device
 
     console = Console(stderr=True)
     try:
+        torch_device = resolve_device(device)  # before anything loads: a bad --device fails at once
         config_cls, run = get_method(method)
         fields = {"ratio": ratio, **_parse_options(option or [])}
         if target:
@@ -145,8 +165,9 @@ def compress_command(
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"--out {out} exists and is not empty: choose a new directory")
         with console.status(f"loading {model}"):
-            net, tokenizer, causal = load_model_and_tokenizer(model)
+            net, tokenizer, causal = load_model_and_tokenizer(model, device)
         cal, held_out = build_batches(calibration, tokenizer, causal, samples, eval_samples, seq_len)
+        cal, held_out = batches_to_device(cal, torch_device), batches_to_device(held_out, torch_device)
         check_calibration(net, cal)
         reference = None if causal else mean_pooled_embeddings(net, held_out)
         original = None if causal else copy.deepcopy(net)
@@ -159,7 +180,7 @@ def compress_command(
         report.quality = {"before": before, "after": after, "held_out_sequences": eval_samples,
                           "calibration": calibration}
         report.latency_ms = {"before": latency_before, "after": cpu_latency_ms(net, held_out[0], repeats=3)}
-        report.file_size_bytes = save_compressed(net, out, config.to_dict(), method)
+        report.file_size_bytes = save_compressed(net.cpu(), out, config.to_dict(), method)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")

@@ -79,8 +79,8 @@ def gguf_lora_tensors(base_model: nn.Module, factors: dict[str, tuple[torch.Tens
             lora_a, lora_b = A.T, B  # llama.cpp gathers rows of lora_a per token (llm_build_inp_embd)
         else:
             lora_a, lora_b = A, B
-        tensors[f"{base_name}.weight.lora_a"] = lora_a.float().contiguous().numpy()
-        tensors[f"{base_name}.weight.lora_b"] = lora_b.float().contiguous().numpy()
+        tensors[f"{base_name}.weight.lora_a"] = lora_a.float().cpu().contiguous().numpy()
+        tensors[f"{base_name}.weight.lora_b"] = lora_b.float().cpu().contiguous().numpy()
     return tensors, unmapped
 
 

@@ -104,8 +104,8 @@ def export_vllm_lora(
 
     state = {}
     for name, (B, A) in sorted(kept.items()):
-        state[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+        state[f"base_model.model.{name}.lora_A.weight"] = A.cpu().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = B.cpu().contiguous()
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(base_model, "config", None), "name_or_path", None) or None
     adapter_config = {

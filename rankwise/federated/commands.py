@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         fail_round: int = typer.Option(2, help="...in this round..."),
         fail_mode: str = typer.Option("crash", help="...by raising ('crash') or sleeping past the timeout ('hang')."),
         seed: int = typer.Option(0),
+        device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda: where each client trains."),
     ) -> None:
         """Federated LoRA on a Flower simulation: per-round accuracy JSON and a plot comparing strategies."""
         from rankwise.core.console import print_error
@@ -54,6 +55,9 @@ def register(app: typer.Typer) -> None:
 
         names = list(ALL_STRATEGIES) if strategy == "all" else [s.strip() for s in strategy.split(",") if s.strip()]
         try:
+            from rankwise.data.models import resolve_device
+
+            device = resolve_device(device).type  # before the encoder runs: a bad --device fails at once
             if features is None:
                 from rankwise.data.text import load_text_classification
 
@@ -65,7 +69,7 @@ def register(app: typer.Typer) -> None:
                             rank=rank, lora_alpha=lora_alpha, lr=lr, local_epochs=local_epochs, batch_size=batch_size, seed=seed)
             fault = FaultSpec(fail_client, fail_round, fail_mode, hang_seconds=round_timeout + 5) if fail_client is not None else None
             runs = [FederatedRun(features=str(features), strategy=name, clients=clients, rounds=rounds, alpha=None if iid else alpha,
-                                 head=head, lam=lam, round_timeout=round_timeout, workers=workers, seed=seed, fault=fault) for name in names]
+                                 head=head, lam=lam, round_timeout=round_timeout, workers=workers, seed=seed, fault=fault, device=device) for name in names]
             for run in runs:
                 columns = [TextColumn(f"[bold]{run.strategy}"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn()]
                 with Progress(*columns, console=console) as bar:

@@ -67,8 +67,12 @@ class FederatedRun:
     workers: int = 2
     seed: int = 0
     fault: FaultSpec | None = None
+    device: str = "cpu"  # where each client trains: cpu | cuda ("auto" is resolved here, in the driver)
 
     def __post_init__(self) -> None:
+        from rankwise.data.models import resolve_device
+
+        self.device = resolve_device(self.device).type  # ConfigError when CUDA is asked for and absent
         strategy_class(self.strategy)  # raises ConfigError naming the choices
         for name in ("clients", "rounds", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -81,7 +85,7 @@ class FederatedRun:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed (everything but the number of rounds and the fault)."""
         d = asdict(self)
-        for key in ("rounds", "fault", "round_timeout", "workers"):
+        for key in ("rounds", "fault", "round_timeout", "workers", "device"):
             d.pop(key)
         return d
 
@@ -128,8 +132,10 @@ def client_round(run: FederatedRun, client: int, server_round: int, global_state
     x, y = client_data(run, client)
     model = build_model(run.head, frozen_A=not train_A)
     load_model_state(model, global_state)
-    loss = train_local(model, x, y, run.head, seed=run.seed * 1_000_003 + server_round * 1009 + client)
-    upload = model_state(model, with_A=train_A)
+    model.to(run.device)  # after the CPU-side state copy; batches follow x and y
+    loss = train_local(model, x.to(run.device), y.to(run.device), run.head,
+                       seed=run.seed * 1_000_003 + server_round * 1009 + client)
+    upload = {key: tensor.cpu() for key, tensor in model_state(model, with_A=train_A).items()}
     return upload, {"num-examples": len(y), "train-loss": loss, "partition-id": client}
 
 
@@ -304,7 +310,8 @@ def run_federated(run: FederatedRun, output: str | Path, resume: bool = False, o
         client_app=make_client_app(run),
         num_supernodes=run.clients,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            # On CUDA the workers share the GPU (Ray hides it from actors that reserve none of it).
+            "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / run.workers if run.device == "cuda" else 0.0},
             "init_args": {"num_cpus": run.workers, "object_store_memory": 150 * 1024**2, "logging_level": "ERROR"},
         },
     )

@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
         quiet: bool = typer.Option(False, help="no progress bar"),
+        device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda"),
     ) -> None:
         """Pretrain a small LLaMA-style causal LM from scratch on real offline text."""
         import torch
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
                                     update_proj_gap=update_proj_gap, galore_scale=galore_scale, sparsity=sparsity,
                                     gamma=gamma, per_layer=per_layer, dct_preset=dct_preset,
                                     dct_error_feedback=dct_error_feedback, eval_every=eval_every, seed=seed)
-            metrics = pretrain(config, out, show_progress=not quiet)
+            metrics = pretrain(config, out, show_progress=not quiet, device=device)
         except RankwiseError as error:
             print_error(error, console)
             raise typer.Exit(code=2) from error

@@ -181,7 +181,9 @@ def validation_windows(val: torch.Tensor, config: PretrainConfig) -> torch.Tenso
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
     was_training = model.training
     model.eval()
-    losses = [float(model(input_ids=batch, labels=batch).loss) for batch in windows.split(batch_size)]
+    device = next(model.parameters()).device
+    losses = [float(model(input_ids=batch.to(device), labels=batch.to(device)).loss)
+              for batch in windows.split(batch_size)]
     model.train(was_training)
     return math.exp(statistics.fmean(losses))
 
@@ -192,7 +194,7 @@ def save_run(out_dir: Path, model: nn.Module, config: PretrainConfig, metrics: d
 
     from rankwise.core.io import atomic_directory
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # Weights, config and metrics swap in together: a crash leaves the previous run's files complete.
     with atomic_directory(out_dir) as stage:
         atomic_write(stage / "model.safetensors", lambda tmp: save_file(state, tmp))
@@ -252,13 +254,20 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str = "validation perp
 
 # -- the run ---------------------------------------------------------------------------------------
 def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, text: str | None = None,
-             show_progress: bool = True) -> dict:
-    """Train from scratch; returns the metrics dict (also written to `out_dir/metrics.json` if given)."""
+             show_progress: bool = True, device: str = "auto") -> dict:
+    """Train from scratch; returns the metrics dict (also written to `out_dir/metrics.json` if given).
+
+    device: "auto" (CUDA when available), "cpu" or "cuda" (a `ConfigError` when CUDA is absent); the model and
+            every batch live there, the saved weights are copied back to the CPU.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from rankwise.data.models import resolve_device
+
+    torch_device = resolve_device(device)  # before any data is read: a bad --device fails at once
     train, val = split_tokens(config, text)
     windows = validation_windows(val, config)
-    model = build_model(config)
+    model = build_model(config).to(torch_device)
     model.train()
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -274,7 +283,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, text: st
         task = progress.add_task("train", total=config.steps, info="")
         for step in range(1, config.steps + 1):
             starts = torch.randint(0, len(train) - config.seq_len, (config.batch_size,), generator=generator)
-            batch = torch.stack([train[s:s + config.seq_len] for s in starts])
+            batch = torch.stack([train[s:s + config.seq_len] for s in starts]).to(torch_device)
             tick = time.perf_counter()
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()

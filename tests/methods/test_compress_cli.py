@@ -104,3 +104,16 @@ def test_encoder_model_with_text_calibration(tmp_path):
     reloaded = load_compressed(out)
     ids = torch.randint(5, len(words) + 5, (2, 6))
     assert torch.isfinite(reloaded(ids).last_hidden_state).all()
+
+
+def test_device_flag(model_dir, calibration, tmp_path):
+    """--device cuda without CUDA: exit 2, a clear message, nothing written; --device cpu compresses."""
+    base = ["compress", str(model_dir), "--method", "svd", "--ratio", "0.5", "--calibration", str(calibration),
+            "--samples", "8", "--eval-samples", "4"]
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "gpu").exists()
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "cpu"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert load_compressed(tmp_path / "cpu") is not None

@@ -118,3 +118,22 @@ def test_eval_mnn_cli(tmp_path):
     assert saved["sequences"] == 2 and 0 < saved["scores"]["mnn"] <= 1
     missing = CliRunner().invoke(app, ["eval", "mnn", str(tmp_path / "nope"), "--data", str(data)])
     assert missing.exit_code == 2 and "not a local directory" in " ".join(missing.output.split())
+
+
+def test_eval_mnn_device_flag(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    model_dir = tiny_bert_dir(tmp_path)
+    data = tmp_path / "texts.txt"
+    data.write_text("a short sentence\nanother slightly longer sentence about matrices\n")
+    args = ["eval", "mnn", str(model_dir), "--data", str(data)]
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, [*args, "--device", "cuda", "--out", str(tmp_path / "gpu.json")])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "gpu.json").exists()
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "cpu.json")])
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads((tmp_path / "cpu.json").read_text())["scores"]["mnn"] <= 1

@@ -98,3 +98,16 @@ def test_dct_paper_preset_error_feedback_and_per_layer_clipping_from_the_cli(cor
     metrics = _pretrain(corpus, tmp_path / "dct", "--method", "dct", "--dct-preset", "paper", "--dct-error-feedback",
                         "--per-layer", "--steps", "3", "--eval-every", "3")
     assert metrics["final_val_ppl"] > 0
+
+
+def test_device_flag(corpus, tmp_path):
+    """--device cuda without CUDA is a clear exit-2 error before any data is read; --device cpu trains."""
+    import torch
+
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, ["pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "gpu"), *TINY,
+                                          "--steps", "2", "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "gpu").exists()
+    metrics = _pretrain(corpus, tmp_path / "cpu", "--steps", "2", "--eval-every", "2", "--device", "cpu")
+    assert metrics["tokens"] == 2 * 4 * 32
