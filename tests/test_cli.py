@@ -67,3 +67,20 @@ def test_real_model_gains_on_embedded_tweets(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["after"]["accuracy"] > metrics["before"]["accuracy"] + 0.1
     assert metrics["after"]["accuracy"] > metrics["majority_baseline"]
+
+
+def test_user_files_must_be_utf8_and_name_the_line(tmp_path):
+    """A Latin-1 CSV or a non-UTF-8 JSONL is an error naming the file and line, never decoded with replacements."""
+    from rankwise.core.errors import ConfigError
+    from rankwise.data.text import read_rows
+
+    csv_file = tmp_path / "latin1.csv"
+    csv_file.write_bytes("text,label\ngood,pos\ncaf\u00e9 au lait,neg\n".encode("latin-1"))
+    jsonl_file = tmp_path / "bad.jsonl"
+    jsonl_file.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')
+    for path in (csv_file, jsonl_file):
+        with pytest.raises(ConfigError, match=rf"{path.name}:[23] is not UTF-8"):
+            read_rows(path)
+    utf8 = tmp_path / "ok.csv"
+    utf8.write_text("text,label\ncaf\u00e9,neg\nok,pos\n", encoding="utf-8")
+    assert read_rows(utf8) == [("caf\u00e9", "neg"), ("ok", "pos")]

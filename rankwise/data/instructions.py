@@ -16,7 +16,6 @@ every other token (system, user, the template's markup before a reply, padding) 
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,20 +81,9 @@ def read_instruction_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {str(path)!r} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line} is not UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
-    conversations = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{n} is not valid JSON ({err})") from None
-        conversations.append(example_to_messages(obj, f"{path}:{n}"))
+    from rankwise.data.text import jsonl_objects
+
+    conversations = [example_to_messages(obj, f"{path}:{n}") for n, obj in jsonl_objects(path)]
     if not conversations:
         raise ConfigError(f"{path} holds no examples (empty file or only blank lines)")
     return conversations
@@ -105,7 +93,7 @@ def sentiment_conversations() -> list[list[dict[str, str]]]:
     """The embedded tweets as instructions: prompt = instruction + tweet, response = the label word."""
     from rankwise.data.text import read_rows, tweets_path
 
-    rows = read_rows(tweets_path(), "text", "sentiment")
+    rows = read_rows(tweets_path(), "text", "sentiment", strict=False)
     return [[{"role": "user", "content": f"{SENTIMENT_INSTRUCTION}\n\nTweet: {text.strip()}"},
              {"role": "assistant", "content": label}] for text, label in rows if text.strip()]
 

