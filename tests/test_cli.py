@@ -84,3 +84,14 @@ def test_user_files_must_be_utf8_and_name_the_line(tmp_path):
     utf8 = tmp_path / "ok.csv"
     utf8.write_text("text,label\ncaf\u00e9,neg\nok,pos\n", encoding="utf-8")
     assert read_rows(utf8) == [("caf\u00e9", "neg"), ("ok", "pos")]
+
+
+def test_single_class_data_and_an_absent_fault_client_are_refused(tmp_path):
+    from rankwise.cli import app as cli_app
+
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("text,label\n" + "".join(f"text {i},pos\n" for i in range(20)), encoding="utf-8")
+    result = runner.invoke(cli_app, ["finetune", "--data", str(one_class), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "single label" in result.output and "Traceback" not in result.output
+    result = runner.invoke(cli_app, ["federate", "--clients", "3", "--fail-client", "7", "--output", str(tmp_path / "fed")])
+    assert result.exit_code == 2 and "names no client" in " ".join(result.output.split()), result.output

@@ -103,6 +103,9 @@ def load_text_classification(
     if len(rows) < 2:
         raise ConfigError(f"{source} has {len(rows)} usable rows; need at least 2")
     label_names = sorted({label for _, label in rows})
+    if len(label_names) < 2:
+        raise ConfigError(f"{source} has a single label {label_names}: a classifier needs at least 2 classes "
+                          "(check --label-field)")
     index = {name: i for i, name in enumerate(label_names)}
     rng = random.Random(seed)
     order = list(range(len(rows)))

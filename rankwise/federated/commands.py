@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Federated LoRA on a Flower simulation: per-round accuracy JSON and a plot comparing strategies."""
         from rankwise.core.console import print_error
-        from rankwise.core.errors import RankwiseError
+        from rankwise.core.errors import ConfigError, RankwiseError
         from rankwise.federated import report
         from rankwise.federated.simulation import FaultSpec, FederatedRun, run_federated
         from rankwise.federated.task import HeadSpec, cached_features, load_features
@@ -58,6 +58,9 @@ def register(app: typer.Typer) -> None:
             from rankwise.data.models import resolve_device
 
             device = resolve_device(device).type  # before the encoder runs: a bad --device fails at once
+            if fail_client is not None and not 0 <= fail_client < clients:
+                raise ConfigError(f"--fail-client={fail_client} names no client: with --clients {clients} the clients are "
+                                  f"0..{clients - 1}; the fault would never be injected")
             if features is None:
                 from rankwise.data.text import load_text_classification
 
