@@ -43,8 +43,12 @@ def make_problem(n: int, k: int, ratio: float, seed: int = 0):
     return rows, cols, (U[rows] * V[cols]).sum(1), (U, V)
 
 
-def soft_impute_als(rows, cols, values, shape, k, *, lam=0.0, max_seconds=300.0, target=None, seed=0):
-    """SoftImpute-ALS with the sparse + low-rank trick; returns (history of (seconds, rel_err), iterations)."""
+def soft_impute_als(rows, cols, values, shape, k, *, lam=0.0, max_seconds=300.0, target=None, seed=0,
+                    max_iterations=None, on_sweep=None):
+    """SoftImpute-ALS with the sparse + low-rank trick; returns (history of (seconds, rel_err), iterations).
+
+    `max_iterations` stops after that many sweeps; `on_sweep(iteration, seconds, U * D^2, V)` is called after
+    each (its time is not counted in `seconds`, M ~ (U D^2) V^T)."""
     import numpy as np
     import scipy.sparse as sp
     import torch
@@ -59,6 +63,7 @@ def soft_impute_als(rows, cols, values, shape, k, *, lam=0.0, max_seconds=300.0,
     V = np.zeros((n, k))
     history = []
     start = time.perf_counter()
+    paused = 0.0  # seconds spent in on_sweep, left out of the timings
     iteration = 0
     while True:
         iteration += 1
@@ -74,10 +79,14 @@ def soft_impute_als(rows, cols, values, shape, k, *, lam=0.0, max_seconds=300.0,
         A = (S @ V + U * D**2) * (D / (D**2 + lam))
         U, d2, Rt = np.linalg.svd(A * D, full_matrices=False)
         D, V = np.sqrt(d2), V @ Rt.T
-        elapsed = time.perf_counter() - start
-        error = factor_relative_error(torch.from_numpy(U * D**2), torch.from_numpy(V), *target)
+        elapsed = time.perf_counter() - start - paused
+        if on_sweep is not None:
+            pause = time.perf_counter()
+            on_sweep(iteration, elapsed, U * D**2, V)
+            paused += time.perf_counter() - pause
+        error = factor_relative_error(torch.from_numpy(U * D**2), torch.from_numpy(V), *target) if target is not None else float("nan")
         history.append((elapsed, error))
-        if error <= TARGET or elapsed > max_seconds or not np.isfinite(error):
+        if error <= TARGET or elapsed > max_seconds or not np.isfinite(error if target is not None else D.sum()) or iteration == max_iterations:
             return history, iteration
 
 
