@@ -5,6 +5,8 @@ product reproduces the input (`B @ A ~= W`, `B: out x r`, `A: r x in`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import math
 
@@ -245,6 +247,26 @@ def autocast_off(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+@contextlib.contextmanager
+def amp_forward(ctx, x: torch.Tensor):
+    """The forward of a fused Function under the rule above: sets `ctx.amp` (the autocast dtype or None), turns
+    autocast off and yields (x in that dtype, the dtype)::
+
+        with amp_forward(ctx, x) as (x, amp):        # x: bf16 under bf16 autocast, unchanged without autocast
+            return F.linear(x, to_dtype(weight, amp))
+    """
+    ctx.amp = amp = amp_dtype(x)
+    with autocast_off(x):
+        yield to_dtype(x, amp), amp
+
+
+@contextlib.contextmanager
+def amp_backward(grad_out: torch.Tensor, saved_input: torch.Tensor):
+    """The backward's side: autocast off, the output gradient in the saved (compute-dtype) input's dtype."""
+    with autocast_off(saved_input):
+        yield to_dtype(grad_out, saved_input.dtype)
+
+
 def fusable_dtypes(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether a fused Function may take these operands: one dtype, or any dtypes under autocast (it casts them)."""
     return amp_dtype(x) is not None or all(t.dtype == x.dtype for t in tensors)
@@ -263,11 +285,9 @@ class FusedCoreLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, left, core, right):
-        amp = amp_dtype(x)
-        ctx.amp, ctx.dtypes, ctx.has_bias = amp, (x.dtype, None if bias is None else bias.dtype), bias is not None
-        with autocast_off(x):
+        ctx.dtypes, ctx.has_bias = (x.dtype, None if bias is None else bias.dtype), bias is not None
+        with amp_forward(ctx, x) as (x, amp):
             total = to_dtype(_core_weight(*(t.to(core.dtype) for t in (weight, left)), core, right.to(core.dtype)), amp)
-            x = to_dtype(x, amp)
             ctx.save_for_backward(x, total, left, core, right)
             return torch.nn.functional.linear(x, total, to_dtype(bias, amp))
 
@@ -275,8 +295,8 @@ class FusedCoreLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, total, left, core, right = ctx.saved_tensors
         grad_x = grad_bias = grad_core = None
-        with autocast_off(x):
-            g = to_dtype(grad_out, x.dtype).reshape(-1, grad_out.shape[-1])
+        with amp_backward(grad_out, x) as g:
+            g = g.reshape(-1, grad_out.shape[-1])
             if ctx.needs_input_grad[0]:
                 grad_x = (g @ total).view(x.shape).to(ctx.dtypes[0])
             if ctx.has_bias and ctx.needs_input_grad[2]:

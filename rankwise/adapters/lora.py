@@ -24,7 +24,7 @@ from rankwise.core.adapter import Adapter
 from rankwise.core.config import AdapterConfig, resolve_pattern
 from rankwise.core.errors import ConfigError
 from rankwise.core.registry import register
-from rankwise.linalg import amp_dtype, autocast_off, fusable_dtypes, to_dtype, truncated_svd
+from rankwise.linalg import amp_backward, amp_forward, fusable_dtypes, to_dtype, truncated_svd
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -40,11 +40,9 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         # Under autocast the products run in its dtype and W + s B A is summed in the adapter's (see linalg.amp_dtype).
-        amp = amp_dtype(x)
-        ctx.amp, ctx.scaling, ctx.has_bias = amp, scaling, bias is not None
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        with autocast_off(x):
-            x = to_dtype(x, amp)
+        with amp_forward(ctx, x) as (x, amp):
             ctx.save_for_backward(x, weight, lora_A, lora_B)
             total = to_dtype(torch.addmm(weight.to(lora_A.dtype), lora_B, lora_A, alpha=scaling), amp)
             return F.linear(x, total, to_dtype(bias, amp))
@@ -54,8 +52,8 @@ class FusedLoraLinear(torch.autograd.Function):
         x, weight, lora_A, lora_B = ctx.saved_tensors
         s, amp = ctx.scaling, ctx.amp
         grad_x = grad_w = grad_b = grad_A = grad_B = None
-        with autocast_off(x):
-            g = to_dtype(grad_out, x.dtype).reshape(-1, grad_out.shape[-1])
+        with amp_backward(grad_out, x) as g:
+            g = g.reshape(-1, grad_out.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
             A, B = to_dtype(lora_A, amp), to_dtype(lora_B, amp)
             if ctx.needs_input_grad[0]:

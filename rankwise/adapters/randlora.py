@@ -45,7 +45,8 @@ from torch import nn
 from rankwise.core.adapter import Adapter
 from rankwise.core.config import PEFT_COMMON_NEUTRAL, AdapterConfig
 from rankwise.core.registry import register
-from rankwise.linalg import amp_dtype, autocast_off, fusable_dtypes, kaiming_sequence, ternary_sequence, to_dtype
+from rankwise.linalg import (amp_backward, amp_forward, autocast_off, fusable_dtypes, kaiming_sequence, ternary_sequence,
+                             to_dtype)
 
 BASIS_KEYS = ("randlora_A", "randlora_B")
 
@@ -108,13 +109,12 @@ class FusedRandLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, basis_a, basis_b, scaling, in_small):
         # Under autocast the products run in its dtype and W + dW is summed in lambda's (see linalg.amp_dtype).
-        amp, dtype = amp_dtype(x), lam.dtype
-        ctx.amp, ctx.dtypes = amp, (x.dtype, None if bias is None else bias.dtype)
-        with autocast_off(x):
+        dtype = lam.dtype
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        with amp_forward(ctx, x) as (x, amp):
             basis_a, basis_b = basis_a.to(dtype), basis_b.to(dtype)
             total = to_dtype(_total_weight(weight.to(dtype), basis_a, basis_b, lam, gam, scaling, in_small), amp)
             keep = total if basis_b.shape[0] <= basis_b.shape[1] else None
-            x = to_dtype(x, amp)
             flat_x = x.reshape(-1, x.shape[-1])
             # What the trainable side's gradient reads: x itself, or its (narrower) projection on the frozen B_hat.
             activation = flat_x if in_small else flat_x @ to_dtype(basis_b, amp)
@@ -127,8 +127,8 @@ class FusedRandLoraLinear(torch.autograd.Function):
         activation, weight, lam, gam, basis_a, basis_b, total = ctx.saved_tensors
         scaling, in_small, amp = ctx.scaling, ctx.in_small, ctx.amp
         grad_x = grad_bias = grad_lam = grad_gam = None
-        with autocast_off(activation):
-            flat_grad = to_dtype(grad_out, activation.dtype).reshape(-1, grad_out.shape[-1])
+        with amp_backward(grad_out, activation) as flat_grad:
+            flat_grad = flat_grad.reshape(-1, grad_out.shape[-1])
             if ctx.needs_input_grad[0]:
                 if total is None:
                     total = to_dtype(_total_weight(weight.to(lam.dtype), basis_a, basis_b, lam, gam, scaling, in_small), amp)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.errors import check_field
-from rankwise.linalg import amp_dtype, autocast_off, seeded_generator, to_dtype
+from rankwise.linalg import amp_backward, amp_forward, seeded_generator, to_dtype
 from rankwise.pretrain.replace import DECODER_TARGETS, replace_linears
 
 
@@ -35,11 +35,9 @@ class _SparsePlusLowRankLinear(torch.autograd.Function):
     # are reduced, in the parameters' dtype (see linalg.amp_dtype).
     @staticmethod
     def forward(ctx, x, B, A, scale, values, index, bias):
-        amp = amp_dtype(x)
-        ctx.amp, ctx.dtypes = amp, (x.dtype, None if bias is None else bias.dtype)
-        with autocast_off(x):
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        with amp_forward(ctx, x) as (x, amp):
             weight = sparse_plus_low_rank(B, A * scale, values, index)
-            x = to_dtype(x, amp)
             # only x is an activation; B, A, values, index are the layer's own tensors and scale is 0-d
             ctx.save_for_backward(x, B, A, scale, values, index)
             ctx.has_bias = bias is not None
@@ -48,8 +46,7 @@ class _SparsePlusLowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, B, A, scale, values, index = ctx.saved_tensors
-        with autocast_off(x):
-            grad_out = to_dtype(grad_out, x.dtype)
+        with amp_backward(grad_out, x) as grad_out:
             weight = sparse_plus_low_rank(B, A * scale, values, index)
             grad_x = (grad_out @ to_dtype(weight, ctx.amp)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
             grad_2d = grad_out.reshape(-1, grad_out.shape[-1])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.errors import ConfigError
-from rankwise.linalg import amp_dtype, autocast_off, factored_row_norms, to_dtype
+from rankwise.linalg import amp_backward, amp_forward, factored_row_norms, to_dtype
 from rankwise.train.lora_tools import lora_adapters, restore_forward, set_forward
 
 
@@ -44,10 +44,8 @@ class AlloraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, eta: float, norm_power: int):
         # Under autocast the products run in its dtype, gradients come back in A's and B's (see linalg.amp_dtype).
-        amp = amp_dtype(x)
-        ctx.amp, ctx.x_dtype, ctx.eta, ctx.norm_power = amp, x.dtype, eta, norm_power
-        with autocast_off(x):
-            x = to_dtype(x, amp)
+        ctx.x_dtype, ctx.eta, ctx.norm_power = x.dtype, eta, norm_power
+        with amp_forward(ctx, x) as (x, amp):
             ctx.save_for_backward(x, A, B)
             return F.linear(F.linear(x, to_dtype(A, amp)), to_dtype(B, amp))
 
@@ -55,8 +53,7 @@ class AlloraFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, A, B = ctx.saved_tensors
         grad_x = grad_A = grad_B = None
-        with autocast_off(x):
-            grad_out = to_dtype(grad_out, x.dtype)
+        with amp_backward(grad_out, x) as grad_out:
             a, b = to_dtype(A, ctx.amp), to_dtype(B, ctx.amp)
             if ctx.needs_input_grad[0]:
                 grad_x = ((grad_out @ b) @ a).to(ctx.x_dtype)
