@@ -98,56 +98,69 @@ def load_for_generation(model_path=None, adapters: list[str] = (), use: str | No
 
 
 def register(app) -> None:
+    import contextlib
+
     import typer
     from rich.console import Console
 
     console = Console()
 
-    adapter_help = "Adapter directory, or name=DIR; repeatable (several adapters: pick one with --use)."
+    # The options `generate` and `chat` share, defined once (typer reads each OptionInfo; it does not change it).
+    adapter_option = typer.Option([], help="Adapter directory, or name=DIR; repeatable (several adapters: pick one with --use).")
+    use_option = typer.Option(None, help="Name of the adapter to use when several are loaded.")
+    model_option = typer.Option(None, help="Base model directory (default: embedded SmolLM2-135M-Instruct).")
+    system_option = typer.Option(None, help="Optional system message.")
+    device_option = typer.Option("auto", help="auto | cpu | cuda")
+    dtype_option = typer.Option("float32", help="float32 | bfloat16 (base weights)")
+
+    @contextlib.contextmanager
+    def exit_2_on_rankwise_error():
+        from rankwise.core.console import print_error
+        from rankwise.core.errors import RankwiseError
+
+        try:
+            yield
+        except RankwiseError as err:
+            print_error(err, console)
+            raise typer.Exit(2) from None
+
+    def system_turn(system: Optional[str]) -> list[dict]:
+        return [{"role": "system", "content": system}] if system else []
 
     @app.command("generate")
     def generate(
         prompt: str = typer.Option(..., help="The user message (rendered with the model's chat template)."),
-        adapter: list[str] = typer.Option([], help=adapter_help),
-        use: Optional[str] = typer.Option(None, help="Name of the adapter to use when several are loaded."),
-        model: Optional[Path] = typer.Option(None, help="Base model directory (default: embedded SmolLM2-135M-Instruct)."),
-        system: Optional[str] = typer.Option(None, help="Optional system message."),
+        adapter: list[str] = adapter_option,
+        use: Optional[str] = use_option,
+        model: Optional[Path] = model_option,
+        system: Optional[str] = system_option,
         max_new_tokens: int = typer.Option(64, min=1),
-        device: str = typer.Option("auto", help="auto | cpu | cuda"),
-        dtype: str = typer.Option("float32", help="float32 | bfloat16 (base weights)"),
+        device: str = device_option,
+        dtype: str = dtype_option,
     ) -> None:
         """Greedy generation from the base model, or through an adapter (several: --adapter name=DIR --use name)."""
-        from rankwise.core.console import print_error
-        from rankwise.core.errors import RankwiseError
-
-        try:
+        with exit_2_on_rankwise_error():
             lm, tokenizer = load_for_generation(model, adapter, use, device, dtype)
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = system_turn(system) + [{"role": "user", "content": prompt}]
             reply = generate_replies(lm, tokenizer, [messages], max_new_tokens=max_new_tokens)[0]
-        except RankwiseError as err:
-            print_error(err, console)
-            raise typer.Exit(2) from None
         typer.echo(reply)
 
     @app.command("chat")
     def chat(
-        adapter: list[str] = typer.Option([], help=adapter_help),
-        use: Optional[str] = typer.Option(None, help="Name of the adapter to use when several are loaded."),
-        model: Optional[Path] = typer.Option(None, help="Base model directory (default: embedded SmolLM2-135M-Instruct)."),
-        system: Optional[str] = typer.Option(None, help="Optional system message."),
+        adapter: list[str] = adapter_option,
+        use: Optional[str] = use_option,
+        model: Optional[Path] = model_option,
+        system: Optional[str] = system_option,
         max_new_tokens: int = typer.Option(128, min=1),
-        device: str = typer.Option("auto", help="auto | cpu | cuda"),
-        dtype: str = typer.Option("float32", help="float32 | bfloat16 (base weights)"),
+        device: str = device_option,
+        dtype: str = dtype_option,
     ) -> None:
         """Multi-turn chat: one user turn per line of stdin (empty line, 'exit' or end of input stops)."""
         import sys
 
-        from rankwise.core.console import print_error
-        from rankwise.core.errors import RankwiseError
-
-        try:
+        with exit_2_on_rankwise_error():
             lm, tokenizer = load_for_generation(model, adapter, use, device, dtype)
-            messages = [{"role": "system", "content": system}] if system else []
+            messages = system_turn(system)
             interactive = sys.stdin.isatty()
             while True:
                 if interactive:
@@ -159,6 +172,3 @@ def register(app) -> None:
                 reply = generate_replies(lm, tokenizer, [messages], max_new_tokens=max_new_tokens)[0]
                 messages.append({"role": "assistant", "content": reply})
                 typer.echo(f"assistant> {reply}")
-        except RankwiseError as err:
-            print_error(err, console)
-            raise typer.Exit(2) from None
