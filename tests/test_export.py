@@ -222,6 +222,24 @@ def test_vllm_bad_requests(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_exports_replace_the_output_directory_whole_and_refuse_a_file(tmp_path):
+    from rankwise.export.merged import export_merged
+
+    base, _ = saved_adapter(tmp_path / "src", rankwise.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    for export in (export_vllm_lora, export_merged):
+        out = tmp_path / export.__name__
+        out.mkdir()
+        (out / "stale.txt").write_text("from an older export")
+        export(base, tmp_path / "src", out)
+        assert not (out / "stale.txt").exists() and (out / REPORT_NAME).is_file()  # one whole new directory
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging directory left
+        target = tmp_path / f"{export.__name__}.file"
+        target.write_text("keep me")
+        with pytest.raises(ConfigError, match="is a file: pass a directory path for --output"):
+            export(base, tmp_path / "src", target)
+        assert target.read_text() == "keep me"
+
+
 def test_vllm_rank_rounding():
     from rankwise.export.vllm_lora import vllm_rank
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,24 +105,18 @@ def module_touches(module_name: str, names: list[str]) -> bool:
     return any(module_name == n or module_name.startswith(n + ".") for n in names)
 
 
-def new_sibling_dir(output_dir: Path) -> Path:
-    """An empty temp directory next to `output_dir` (same file system, so `os.replace` is a rename)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+def export_directory(output_dir):
+    """`atomic_directory` for a serving export: the finished directory replaces `output_dir` whole.
 
+        with export_directory(out) as stage:    # out/../.out.saving-XXXX/, swapped in on success
+            write(stage / "adapter_model.safetensors")
 
-def replace_dir(tmp: Path, output_dir: Path) -> None:
-    """Move the finished `tmp` to `output_dir`; an existing output is swapped out first, then removed.
-
-    A crash before the swap leaves the old output untouched; the old one is only deleted once the new one
-    is in place.
+    An existing FILE at `output_dir` is a ConfigError naming --output, raised before anything is written; an old
+    output directory is replaced (its other entries are not carried over: an export is one whole directory).
     """
+    from rankwise.core.io import atomic_directory
+
+    output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output {output_dir} exists and is a file: pass a directory path for --output")
-    old = None
-    if output_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, old / "previous")
-    os.replace(tmp, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return atomic_directory(output_dir, keep_other_entries=False)

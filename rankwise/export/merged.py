@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,10 @@ from torch import nn
 
 from rankwise.core.errors import ConfigError
 from rankwise.export.common import (
+    export_directory,
     load_source,
     measure,
     module_touches,
-    new_sibling_dir,
-    replace_dir,
     tied_embedding_names,
 )
 
@@ -102,21 +100,16 @@ def export_merged(
     report.source_params = sum(v.numel() for v in read_weights(adapter_dir).values())
     report.lora_params = sum(p.numel() for p in merged.parameters())  # the whole model: what a merged export holds
 
-    tmp = new_sibling_dir(output_dir)
-    try:
-        merged.save_pretrained(tmp)
+    with export_directory(output_dir) as stage:
+        merged.save_pretrained(stage)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(stage)
         else:
             report.notes.append("no tokenizer was given: the directory holds the model only (pass --model DIR with one)")
         if sample_inputs is not None:
-            reloaded = type(merged).from_pretrained(tmp).eval()
+            reloaded = type(merged).from_pretrained(stage).eval()
             measure(report, reference, reloaded, base_model, sample_inputs)
-        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
-        replace_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (stage / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
 

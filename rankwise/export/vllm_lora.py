@@ -17,10 +17,10 @@ vLLM find every module they expect.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -31,12 +31,11 @@ from rankwise.export.common import (
     DECODER_PROJECTIONS,
     check_rank,
     default_rank,
+    export_directory,
     factorize,
     load_source,
     measure,
-    new_sibling_dir,
     pad_rank,
-    replace_dir,
 )
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's supported max_lora_rank values
@@ -120,14 +119,8 @@ def export_vllm_lora(
     report.source_params = sum(v.numel() for v in read_weights(adapter_dir).values())
     measure(report, source, _lora_model(base_model, source, kept, keep_saved=False), base_model, sample_inputs)
 
-    output_dir = Path(output_dir)
-    tmp = new_sibling_dir(output_dir)
-    try:
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
-        replace_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with export_directory(output_dir) as stage:
+        save_file(state, str(stage / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (stage / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        (stage / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
     return report
