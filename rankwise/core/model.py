@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import warnings
-import weakref
 from typing import Any, Iterator
 
 import torch
@@ -23,6 +21,7 @@ from rankwise.core.config import AdapterConfig, matches_module, resolve_pattern 
 from rankwise.core.errors import AdapterStateError, ConfigError, TargetError
 from rankwise.core.inject import resolve_targets
 from rankwise.core.layer import BASE_MODEL_SENTINEL, AdaptedLayer, layer_kind
+from rankwise.core.peft_compat import PeftClientMethods, adapted_class
 from rankwise.core.registry import get_method
 
 
@@ -54,7 +53,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(PeftClientMethods, nn.Module):
     """The wrapped model plus its adapters; to clients that inspect it, it looks like the model it wraps.
 
     `AdaptedModel(model, ...)` is an instance of a subclass made once per wrapped class (`AdaptedLlamaForCausalLM`):
@@ -65,13 +64,14 @@ class AdaptedModel(nn.Module):
       `peft.PeftModel` (whose `__init__` never runs): `transformers.Trainer`, `trl` and `accelerate` recognise an
       adapter model only by `isinstance(model, PeftModel)`, and then save checkpoints with `save_pretrained`
       (adapter files only), resume and load the best model with `load_adapter`, and inspect `get_base_model()`.
-      Every `PeftModel` method those clients call is defined here with PEFT's meaning; no other is relied on.
+      Every `PeftModel` method those clients call is defined with PEFT's meaning (`rankwise.core.peft_compat`,
+      where the subclass is made); no other is relied on.
     Other attributes (`config`, `main_input_name`, `activation_checkpointing_enable`, ...) come from the wrapped model.
     """
 
     def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
         if cls is AdaptedModel and isinstance(model, nn.Module):
-            cls = _adapted_class(type(model))
+            cls = adapted_class(type(model), AdaptedModel)
         return super().__new__(cls)
 
     def __reduce_ex__(self, protocol):
@@ -155,16 +155,6 @@ class AdaptedModel(nn.Module):
                 layer = self.model.get_input_embeddings()
                 return hook(self.model, layer.adapters[name], args, kwargs)
         return self.model.generate(*args, **kwargs)
-
-    def get_base_model(self) -> nn.Module:
-        """The wrapped model, adapters injected (PEFT's spelling; `transformers.Trainer` inspects its `forward`)."""
-        return self.model
-
-    @property
-    def base_model(self) -> "AdaptedModel":
-        # PEFT's layout: `peft_model.base_model.model` is the wrapped model (Trainer's label smoothing and NEFTune
-        # reach it that way); here the wrapper plays both PEFT roles.
-        return self
 
     # ---- adapters -----------------------------------------------------------------------------
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -441,114 +431,9 @@ class AdaptedModel(nn.Module):
 
         save_adapter(self, directory, adapter_names)
 
-    def save_pretrained(
-        self,
-        save_directory,
-        safe_serialization: bool = True,
-        selected_adapters: list[str] | None = None,
-        is_main_process: bool = True,
-        state_dict: dict | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """PEFT's spelling of `save_adapter`, with the arguments `transformers.Trainer` and PEFT callers pass.
-
-        Writes adapter_config.json + adapter_model.safetensors (others adapters in sub-directories), never the base
-        weights. `state_dict` (the Trainer passes the full model's under FSDP/DeepSpeed) is not used: the adapter
-        tensors are read from the adapters themselves. Other PEFT keywords (`save_embedding_layers`, ...) are
-        accepted and ignored, as rankwise never saves base layers.
-        """
-        if not safe_serialization:
-            raise ConfigError("safe_serialization=False: rankwise writes safetensors only (no pickles); drop the argument")
-        if not is_main_process:
-            return
-        self.save_adapter(save_directory, selected_adapters)
-
-    def load_adapter(self, directory, adapter_name: str = "default", strict: bool = True, is_trainable: bool = True,
-                     **kwargs: Any) -> None:
-        """Load a saved adapter under `adapter_name`; into the existing adapter of that name if there is one.
-
-        Reloading an existing adapter (what the Trainer does to resume or to load the best checkpoint) requires the
-        saved config to be the same method and to fit: the weights are checked, then copied in place, so the
-        optimizer keeps pointing at the same parameters. `is_trainable=False` freezes the loaded adapter (PEFT's
-        inference mode). Other PEFT keywords are accepted and ignored. On any error the model is unchanged.
-        """
-        from rankwise.core.io import _check_and_load, load_adapter_into, read_config, read_weights
-
-        if adapter_name in self.configs:
-            saved = read_config(directory, strict=strict)
-            if saved.method_name != self.configs[adapter_name].method_name:
-                raise AdapterStateError(
-                    f"{directory} holds a {saved.method_name} adapter but adapter {adapter_name!r} is "
-                    f"{self.configs[adapter_name].method_name}; load it under another adapter_name"
-                )
-            _check_and_load(self, adapter_name, read_weights(directory))
-        else:
-            load_adapter_into(self, directory, adapter_name, strict=strict)
-        if not is_trainable:
-            for _, layer in self.adapted_layers():
-                if adapter_name in layer.adapters:
-                    layer.adapters[adapter_name].requires_grad_(False)
-            if adapter_name in self.shared:
-                self.shared[adapter_name].requires_grad_(False)
-
-
-_ADAPTED_CLASSES: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
-
-
-def _forward_signature(base_cls: type) -> inspect.Signature | None:
-    """The wrapped class's `forward` signature with a keyword-only `adapter_names` (None if it has none)."""
-    try:
-        signature = inspect.signature(base_cls.forward)
-    except (TypeError, ValueError, AttributeError):
-        return None
-    params = list(signature.parameters.values())
-    if "adapter_names" not in signature.parameters:
-        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-        params.insert(at, extra)
-    try:
-        return signature.replace(parameters=params)
-    except ValueError:  # an unusual parameter order: fall back to the generic signature
-        return None
-
-
-def _client_bases(base_cls: type) -> tuple[type, ...]:
-    """`(peft.PeftModel,)` when the wrapped class is a transformers model and PEFT is installed (see AdaptedModel)."""
-    import importlib.util
-    import sys
-
-    transformers = sys.modules.get("transformers")
-    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
-    if pretrained is None or not issubclass(base_cls, pretrained) or importlib.util.find_spec("peft") is None:
-        return ()
-    try:
-        from peft import PeftModel
-    except Exception:  # a broken PEFT install only costs the Trainer integration, never adapt()
-        return ()
-    return (PeftModel,)
-
-
-def _adapted_class(base_cls: type) -> type:
-    """`AdaptedModel`'s subclass for one wrapped class: same behaviour, the wrapped class's `forward` signature."""
-    if base_cls in _ADAPTED_CLASSES:
-        return _ADAPTED_CLASSES[base_cls]
-    namespace: dict[str, Any] = {"__module__": AdaptedModel.__module__, "__doc__": AdaptedModel.__doc__}
-    signature = _forward_signature(base_cls)
-    if signature is not None:
-        def forward(self, *args, **kwargs):
-            return AdaptedModel.forward(self, *args, **kwargs)
-
-        forward.__signature__ = signature
-        forward.__doc__ = getattr(base_cls.forward, "__doc__", None)
-        forward.__qualname__ = f"Adapted{base_cls.__name__}.forward"
-        namespace["forward"] = forward
-    cls = type(f"Adapted{base_cls.__name__}", (AdaptedModel, *_client_bases(base_cls)), namespace)
-    _ADAPTED_CLASSES[base_cls] = cls
-    return cls
-
 
 def _restore_adapted(base_cls: type) -> AdaptedModel:
-    return nn.Module.__new__(_adapted_class(base_cls))
+    return nn.Module.__new__(adapted_class(base_cls, AdaptedModel))
 
 
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
