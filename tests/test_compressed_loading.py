@@ -144,3 +144,52 @@ def test_pretrain_output_loads_equal_in_transformers_or_is_refused(method, tmp_p
     reloaded, _ = load_run(tmp_path / "run")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, reference)
+
+
+def test_rankwise_commands_read_compress_outputs(tmp_path):
+    """`rankwise eval mnn` reads a compressed dir through load_compressed; re-compressing one is a clear error."""
+    from typer.testing import CliRunner
+
+    from rankwise.analysis.mnn import load_base_model
+    from rankwise.cli import app
+
+    model, _ = compress(tiny_llama(), "svd", token_batches(), ratio=0.5)
+    save_compressed(model, tmp_path / "out", method="svd")
+    from rankwise.data.offline_assets import smollm2_dir
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(smollm2_dir())).save_pretrained(str(tmp_path / "out"))
+    base, tokenizer = load_base_model(str(tmp_path / "out"))
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids)[0], model.model(input_ids=ids)[0])
+    result = CliRunner().invoke(app, ["compress", str(tmp_path / "out"), "--method", "svd", "--out",
+                                      str(tmp_path / "again")])
+    assert result.exit_code == 2 and "already a `rankwise compress` output" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_generate_command_on_a_compress_output_replies_like_the_compressed_model(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+    from rankwise.data.offline_assets import smollm2_dir
+    from rankwise.generation import generate_replies
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=False)).eval()
+    model, _ = compress(llama, "svd", [torch.randint(0, 1000, (2, 16))], ratio=0.3)
+    save_compressed(model, tmp_path / "out", method="svd")
+    tokenizer.save_pretrained(str(tmp_path / "out"))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    expected = generate_replies(model, tokenizer, [[{"role": "user", "content": "In the beginning"}]], max_new_tokens=6)[0]
+    result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "out"), "--prompt", "In the beginning",
+                                      "--max-new-tokens", "6", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == expected.strip()

@@ -51,6 +51,11 @@ def load_model_and_tokenizer(model_ref: str, device: str = "cpu"):
     if not (path / "config.json").exists():
         raise ConfigError(f"MODEL={model_ref!r} is not a model directory with config.json: pass a Hugging Face "
                           f"directory or one of {', '.join(MODEL_ALIASES)}")
+    from rankwise.compress.serialize import is_compressed_dir
+
+    if is_compressed_dir(path):
+        raise ConfigError(f"MODEL={model_ref!r} is already a `rankwise compress` output: compress the original model "
+                          "(or load this one with rankwise.compress.load_compressed)")
     config = AutoConfig.from_pretrained(str(path))
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     if causal:
