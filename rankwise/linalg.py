@@ -522,3 +522,28 @@ def orthogonality_residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     return torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
 
+
+
+@torch.no_grad()
+def affine_map_of(module: torch.nn.Module, in_features: int, seed: int = 0,
+                  rtol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(W, b)` with `module(x) == x @ W.T + b` for every `x` (in float64), or None when `module` is not affine.
+
+        b = module(0)            W[:, j] = module(e_j) - b       check: module(x) ≈ x W^T + b on random x
+
+    Works for any layer kind (factored, gathered, scattered...) without knowing its parameters: it is how a
+    compressed layer is multiplied back into a dense `nn.Linear` of the original shape. The module is probed
+    on a float64 copy, so the recovered W is exact up to the module's own rounding.
+    """
+    import copy
+
+    probe = copy.deepcopy(module).double()
+    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+    bias = probe(torch.zeros(1, in_features, dtype=torch.float64, device=device))[0]
+    weight = (probe(torch.eye(in_features, dtype=torch.float64, device=device)) - bias).T.contiguous()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, in_features, generator=generator, dtype=torch.float64).to(device)
+    got, want = probe(x), x @ weight.T + bias
+    if not torch.allclose(got, want, rtol=rtol, atol=rtol * (1 + want.abs().max().item())):
+        return None
+    return weight, bias

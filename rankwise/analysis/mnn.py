@@ -167,6 +167,13 @@ def load_base_model(name: str):
                 "(no downloads at run time)."
             )
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    from rankwise.compress.serialize import is_compressed_dir
+
+    if not kwargs and is_compressed_dir(path):
+        # a `rankwise compress` output: plain transformers refuses it (factored layers); its base model, no head
+        from rankwise.compress import load_compressed
+
+        return load_compressed(path).float().base_model.eval(), tokenizer
     model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     return model, tokenizer
 

@@ -51,6 +51,11 @@ def load_model_and_tokenizer(model_ref: str, device: str = "cpu"):
     if not (path / "config.json").exists():
         raise ConfigError(f"MODEL={model_ref!r} is not a model directory with config.json: pass a Hugging Face "
                           f"directory or one of {', '.join(MODEL_ALIASES)}")
+    from rankwise.compress.serialize import is_compressed_dir
+
+    if is_compressed_dir(path):
+        raise ConfigError(f"MODEL={model_ref!r} is already a `rankwise compress` output: compress the original model "
+                          "(or load this one with rankwise.compress.load_compressed)")
     config = AutoConfig.from_pretrained(str(path))
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     if causal:
@@ -141,6 +146,9 @@ def compress_command(
     target: Optional[list[str]] = typer.Option(None, "--target", help="regex of layers to compress (repeatable)"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="method option KEY=VALUE (repeatable)"),
     device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda: where the model and batches run"),
+    save_dense: bool = typer.Option(False, "--save-dense",
+                                    help="multiply compressed layers back into dense ones: a plain transformers "
+                                         "directory, same outputs, but no size gain"),
 ) -> None:
     """Compress MODEL into low-rank/smaller layers and write a loadable model plus report.json."""
     from rich.console import Console
@@ -180,7 +188,7 @@ def compress_command(
         report.quality = {"before": before, "after": after, "held_out_sequences": eval_samples,
                           "calibration": calibration}
         report.latency_ms = {"before": latency_before, "after": cpu_latency_ms(net, held_out[0], repeats=3)}
-        report.file_size_bytes = save_compressed(net.cpu(), out, config.to_dict(), method)
+        report.file_size_bytes = save_compressed(net.cpu(), out, config.to_dict(), method, dense=save_dense)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
@@ -202,7 +210,15 @@ def compress_command(
     table.add_row("CPU latency (ms/batch)", f"{report.latency_ms['before']:.1f}", f"{report.latency_ms['after']:.1f}")
     table.add_row("file size (MB)", "", f"{report.file_size_bytes / 1e6:.1f}")
     Console().print(table)
-    Console().print(f"wrote {out}/ (model.safetensors, config.json, compression.json, report.json)")
+    from rankwise.compress.serialize import read_structure
+
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors")))
+    if read_structure(out).get("layout") == "transformers":
+        Console().print(f"wrote {out}/ ({files}): a transformers directory, "
+                        f"AutoModel*.from_pretrained({str(out)!r}) loads it")
+    else:
+        Console().print(f"wrote {out}/ ({files}): load it with rankwise.compress.load_compressed({str(out)!r}) "
+                        "(plain transformers refuses it; --save-dense writes a transformers directory)")
 
 
 def register(app: typer.Typer) -> None:

@@ -130,7 +130,9 @@ def load_base(model_path: str | Path | None = None, task: str = "classification"
     logging.set_verbosity_error()  # the fresh classifier head warning is expected here
     logging.disable_progress_bar()  # a sub-second "Loading weights" bar would clutter command output
     try:
-        if task == "classification":
+        if _is_compressed(path):
+            model = _load_compressed_base(path, task, load_dtype)
+        elif task == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=load_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
@@ -144,6 +146,31 @@ def load_base(model_path: str | Path | None = None, task: str = "classification"
     if quantize is not None:
         _quantize(model, quantize, torch_dtype)
     return model, tokenizer
+
+
+def _is_compressed(path: Path) -> bool:
+    from rankwise.compress.serialize import is_compressed_dir
+
+    return is_compressed_dir(path)
+
+
+def _load_compressed_base(path: Path, task: str, dtype):
+    """A `rankwise compress` output directory, rebuilt with its factored layers (`load_compressed`).
+
+    Plain transformers refuses these directories on purpose (their layers are not the architecture's), so
+    every command that loads a base (generate, finetune, convert, eval) goes through here instead.
+    """
+    from rankwise.compress import load_compressed
+
+    if task == "classification":
+        raise ConfigError(f"{str(path)!r} is a `rankwise compress` output: it reloads as the model it was compressed "
+                          "from (rankwise.compress.load_compressed(dir)), not as a sequence classifier with a new head; "
+                          "fine-tune it with --task causal-lm, or compress the classifier itself")
+    model = load_compressed(path)
+    if not hasattr(model, "generate") or model.get_output_embeddings() is None:
+        raise ConfigError(f"{str(path)!r} holds a compressed {type(model).__name__}, not a causal LM: load it with "
+                          "rankwise.compress.load_compressed(dir)")
+    return model.to(dtype)
 
 
 def _quantize(model, scheme: str, dtype) -> None:

@@ -67,7 +67,13 @@ def register(app: typer.Typer) -> None:
             value = metrics[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         console.print(table)
-        console.print(f"wrote {out / 'model.safetensors'}, {out / 'metrics.json'}, {out / 'val_ppl.png'}")
+        weights = out / "model.safetensors"
+        if weights.is_file():
+            console.print(f"wrote {weights} (a transformers directory: AutoModelForCausalLM.from_pretrained loads it), "
+                          f"{out / 'metrics.json'}, {out / 'val_ppl.png'}")
+        else:
+            console.print(f"wrote {out / 'pretrain_factors.safetensors'} (load it with rankwise.pretrain.load_run; "
+                          f"not a transformers model), {out / 'metrics.json'}, {out / 'val_ppl.png'}")
 
     @app.command("welore")
     def welore_command(

@@ -2,7 +2,8 @@
 
     text --bytes--> tokens --(random seq_len windows)--> LlamaForCausalLM (vocab 256)
     method: full (AdamW) | galore (GaLoreAdamW) | dct (DCTAdamW) | sltrain (W = BA + S) | lost (SVD split)
-    out/: model.safetensors, pretrain_config.json, metrics.json, val_ppl.png
+    out/: config.json + model.safetensors (a transformers directory), pretrain_config.json, metrics.json,
+          val_ppl.png; SLTrain/LOST also pretrain_factors.safetensors (the factors `load_run` rebuilds)
 
 The schedule is the LLaMA-C4 setup's: linear warmup over `warmup_ratio` of the steps, then cosine
 to `min_lr_ratio` of the peak. Validation perplexity is measured on fixed windows of the last
@@ -189,26 +190,93 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int) -> floa
 
 
 # -- files -----------------------------------------------------------------------------------------
+FACTORS = "pretrain_factors.safetensors"  # SLTrain/LOST: the trained factors, what `load_run` rebuilds from
+# transformers prints model_type verbatim in its "does not recognize this architecture" error
+LOADER_POINTER = ("rankwise-pretrain run with nonlinear factored layers, not loadable by transformers alone: "
+                  "load it with rankwise.pretrain.load_run(dir)")
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state dict of the plain transformers architecture `model` stands for, with every SLTrain/LOST layer
+    multiplied back into a dense `W = s B A + S` (an affine probe, exact up to float rounding); None for a
+    model without a transformers config, or with a layer that is not linear (LOST's SiLU inside its factors)."""
+    from transformers import PreTrainedModel
+
+    from rankwise.linalg import affine_map_of
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    expected = fresh.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if k in expected}
+    for name, module in model.named_modules():
+        original = fresh.get_submodule(name) if name else fresh
+        if type(module) is type(original) or not isinstance(original, nn.Linear):
+            continue
+        found = affine_map_of(module, original.in_features)
+        if found is None:
+            return None
+        weight, bias = found
+        dtype = next(module.parameters()).dtype
+        state[f"{name}.weight"] = weight.to(dtype).cpu()
+        if original.bias is not None:
+            state[f"{name}.bias"] = bias.to(dtype).cpu()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"merging for transformers left {missing[:3]} without a tensor")
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def save_run(out_dir: Path, model: nn.Module, config: PretrainConfig, metrics: dict) -> None:
+    """Write the run as a plain transformers directory (config.json + model.safetensors, dense weights:
+    `LlamaForCausalLM.from_pretrained(out)` gives the trained model's outputs) plus the rankwise files.
+
+    SLTrain layers (and linear LOST, activation "none") are merged into dense weights for transformers; their
+    factors are kept in `pretrain_factors.safetensors`, which `load_run` rebuilds the factored model from.
+    LOST with its SiLU is not a Llama: only the factors are written, and config.json's model_type is
+    `LOADER_POINTER`, so `AutoModel*.from_pretrained(out)` fails naming `rankwise.pretrain.load_run`.
+    """
     from safetensors.torch import save_file
 
     from rankwise.core.io import atomic_directory
 
+    from transformers import PreTrainedModel
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    merged = merged_state_dict(model)
+    hf_config = None
+    if isinstance(model, PreTrainedModel):
+        hf_config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+        if merged is None:
+            # not expressible as the architecture: transformers must refuse it (pointer in model_type), and no
+            # model.safetensors lets a concrete class (LlamaForCausalLM.from_pretrained) load random weights
+            hf_config["rankwise_model_type"] = hf_config.get("model_type")
+            hf_config["model_type"] = LOADER_POINTER
     # Weights, config and metrics swap in together: a crash leaves the previous run's files complete.
     with atomic_directory(out_dir) as stage:
-        atomic_write(stage / "model.safetensors", lambda tmp: save_file(state, tmp))
+        if merged is not None or hf_config is None:
+            weights = merged if merged is not None else state
+            atomic_write(stage / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+        if hf_config is not None and (merged is None or set(merged) != set(state)):
+            atomic_write(stage / FACTORS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        if hf_config is not None:
+            atomic_write_text(stage / "config.json", json.dumps(hf_config, indent=2))
         atomic_write_text(stage / "pretrain_config.json", json.dumps(dataclasses.asdict(config), indent=2))
         atomic_write_text(stage / "metrics.json", json.dumps(metrics, indent=2))
         plot_curves({config.method: metrics}, stage / "val_ppl.png")
 
 
 def load_run(out_dir: str | Path) -> tuple[nn.Module, PretrainConfig]:
-    """Rebuild a model saved by `pretrain` (safetensors only) and its config."""
+    """Rebuild a model saved by `pretrain` (safetensors only) and its config, factored layers included.
+
+    Runs written before `pretrain_factors.safetensors` existed (factors in `model.safetensors`) load the same."""
     from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
     config_path, weights_path = out_dir / "pretrain_config.json", out_dir / "model.safetensors"
+    if (out_dir / FACTORS).is_file():  # SLTrain/LOST: model.safetensors (if any) holds merged dense weights
+        weights_path = out_dir / FACTORS
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: pass the --out directory of a `rankwise pretrain` run")

@@ -34,7 +34,7 @@ def test_compress_writes_loadable_model_and_report(model_dir, calibration, tmp_p
                                  "--calibration", str(calibration), "--out", str(out), "--samples", "16",
                                  "--eval-samples", "8"])
     assert result.exit_code == 0, result.output
-    assert {"model.safetensors", "config.json", "compression.json", "report.json"} <= {p.name for p in out.iterdir()}
+    assert {"rankwise_model.safetensors", "config.json", "compression.json", "report.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert report["compressed_ratio"] <= 0.5 + 1e-9 and report["file_size_bytes"] > 0
     assert report["quality"]["before"]["perplexity"] > 0 and report["quality"]["after"]["perplexity"] > 0
