@@ -369,9 +369,10 @@ class SecondMoments:
         if rows.shape[-1] != self.dim:
             raise ValueError(f"SecondMoments expects rows of width {self.dim}, got {rows.shape[-1]}")
         self.count += rows.shape[0]
-        self.total += rows.sum(0)
-        self.abs_total += rows.abs().sum(0)
-        self.outer += rows.T @ rows
+        home = self.total.device  # the sums stay on the CPU whatever device the activations come from
+        self.total += rows.sum(0).to(home)
+        self.abs_total += rows.abs().sum(0).to(home)
+        self.outer += (rows.T @ rows).to(home)
 
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
@@ -449,7 +450,7 @@ def scaled_low_rank(weight: torch.Tensor, rank: int, scale: torch.Tensor
     `||X Wᵀ - X W'ᵀ||_F² = ||(W - W') S||_F²`). Returns `(up, down, all singular values of W S)`.
     """
     W = weight.detach().to(torch.float64)
-    S = scale.to(torch.float64)
+    S = scale.to(device=W.device, dtype=torch.float64)
     scaled = W * S if S.dim() == 1 else W @ S
     U, sigma, Vh = torch.linalg.svd(scaled, full_matrices=False)
     root = sigma[:rank].sqrt()

@@ -136,7 +136,8 @@ def low_rank_from_weight(linear: nn.Linear, up: torch.Tensor, down: torch.Tensor
     """A `LowRankLinear` with the factors given and `linear`'s bias on the up factor, in `linear`'s dtype."""
     dtype = linear.weight.dtype
     bias = linear.bias.detach() if linear.bias is not None else None
-    return LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias).to(dtype)
+    # on `linear`'s device: a freshly built module lives on the CPU even when the model runs on CUDA
+    return LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias).to(device=linear.weight.device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------- selection
