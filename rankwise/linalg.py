@@ -357,12 +357,14 @@ class SecondMoments:
     sum millions of fp32 products; float64 keeps the small eigenvalues that decide truncation.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, outer: bool = True):
         self.dim = int(dim)
         self.count = 0
+        # `outer=False` keeps only the O(d) sums (ASVD needs E|x|, not the d x d matrix)
+        self.with_outer = bool(outer)
         self.total = torch.zeros(self.dim, dtype=torch.float64)
         self.abs_total = torch.zeros(self.dim, dtype=torch.float64)  # ASVD's per-channel mean |x|
-        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self.with_outer else None
 
     def update(self, rows: torch.Tensor) -> None:
         rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
@@ -372,7 +374,8 @@ class SecondMoments:
         home = self.total.device  # the sums stay on the CPU whatever device the activations come from
         self.total += rows.sum(0).to(home)
         self.abs_total += rows.abs().sum(0).to(home)
-        self.outer += (rows.T @ rows).to(home)
+        if self.with_outer:
+            self.outer += (rows.T @ rows).to(home)
 
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
@@ -383,6 +386,8 @@ class SecondMoments:
 
     def correlation(self) -> torch.Tensor:
         """`E[x xᵀ]` (uncentred)."""
+        if self.outer is None:
+            raise ValueError("these SecondMoments were collected with outer=False: no correlation matrix")
         return self.outer / max(self.count, 1)
 
     def covariance(self) -> torch.Tensor:

@@ -57,7 +57,8 @@ def channel_scale(stats: SecondMoments, alpha: float = 0.5) -> torch.Tensor:
 
 def compress(model: nn.Module, config: ASVDConfig, calibration) -> tuple[nn.Module, CompressionReport]:
     """Replace every targeted linear by its activation-scaled rank-r factors (in place; needs calibration)."""
-    return scaled_svd_compress(model, config, calibration, "asvd", lambda stats: (channel_scale(stats, config.alpha), {}))
+    return scaled_svd_compress(model, config, calibration, "asvd", lambda stats: (channel_scale(stats, config.alpha), {}),
+                               outer=False)  # only E|x| is needed
 
 # The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
 CATALOG = (
