@@ -377,25 +377,37 @@ class SecondMoments:
     sum millions of fp32 products; float64 keeps the small eigenvalues that decide truncation.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, outer: bool = True):
         self.dim = int(dim)
         self.count = 0
+        # `outer=False` keeps only the O(d) sums (ASVD needs E|x|, not the d x d matrix)
+        self.with_outer = bool(outer)
         self.total = torch.zeros(self.dim, dtype=torch.float64)
-        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.abs_total = torch.zeros(self.dim, dtype=torch.float64)  # ASVD's per-channel mean |x|
+        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self.with_outer else None
 
     def update(self, rows: torch.Tensor) -> None:
         rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
         if rows.shape[-1] != self.dim:
             raise ValueError(f"SecondMoments expects rows of width {self.dim}, got {rows.shape[-1]}")
         self.count += rows.shape[0]
-        self.total += rows.sum(0)
-        self.outer += rows.T @ rows
+        home = self.total.device  # the sums stay on the CPU whatever device the activations come from
+        self.total += rows.sum(0).to(home)
+        self.abs_total += rows.abs().sum(0).to(home)
+        if self.with_outer:
+            self.outer += (rows.T @ rows).to(home)
 
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
+    def mean_abs(self) -> torch.Tensor:
+        """`E|x_j|` per channel."""
+        return self.abs_total / max(self.count, 1)
+
     def correlation(self) -> torch.Tensor:
         """`E[x xᵀ]` (uncentred)."""
+        if self.outer is None:
+            raise ValueError("these SecondMoments were collected with outer=False: no correlation matrix")
         return self.outer / max(self.count, 1)
 
     def covariance(self) -> torch.Tensor:
@@ -423,6 +435,58 @@ def psd_sqrt_and_inverse_sqrt(symmetric: torch.Tensor, ridge: float = 0.0) -> tu
     values = values.clamp_min(torch.finfo(values.dtype).tiny)
     root = values.sqrt()
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
+
+def damped_cholesky(gram: torch.Tensor, damping: float = 1e-6) -> tuple[torch.Tensor, float]:
+    """Lower-triangular `L` with `L Lᵀ = gram` (float64), and the diagonal shift that was needed (0.0 if none).
+
+    Calibration Gram matrices `XᵀX` are PSD but often singular (dead channels, fewer rows than
+    features) or, in floating point, slightly indefinite. Then the shift is
+    `max(0, -lambda_min) + damping * mean(diag)` (times 10 per further failure), the smallest that
+    makes the matrix positive definite with a margin relative to its scale.
+    """
+    work = gram.to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(work)
+    if int(info) == 0:
+        return factor, 0.0
+    scale = float(work.diagonal().mean().abs().clamp_min(torch.finfo(torch.float64).tiny))
+    lowest = float(torch.linalg.eigvalsh(work)[0])
+    eye = torch.eye(work.shape[0], dtype=work.dtype)
+    relative = max(damping, 1e-12)
+    for _ in range(12):
+        shift = max(0.0, -lowest) + relative * scale
+        factor, info = torch.linalg.cholesky_ex(work + shift * eye)
+        if int(info) == 0:
+            return factor, shift
+        relative *= 10
+    raise ValueError("damped_cholesky: the matrix stays indefinite after shifting; it has non-finite entries?")
+
+
+def scaled_low_rank(weight: torch.Tensor, rank: int, scale: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors `(up, down)` of `weight` that are optimal in the right-scaled norm `||(W - up down) S||_F`.
+
+        W S = U Σ Vᵀ          (SVD of the scaled weight, float64)
+        up   = U_k sqrt(Σ_k)               out x k
+        down = sqrt(Σ_k) V_kᵀ S^{-1}       k x in
+
+    so `(up @ down) S` is the rank-k truncation of `W S` and the loss is exactly the dropped `σ_i²`.
+    `scale` is either a 1-D positive vector (a diagonal `S`, as in ASVD) or an invertible
+    lower-triangular `in x in` matrix (a Cholesky factor of `XᵀX`, as in SVD-LLM: then
+    `||X Wᵀ - X W'ᵀ||_F² = ||(W - W') S||_F²`). Returns `(up, down, all singular values of W S)`.
+    """
+    W = weight.detach().to(torch.float64)
+    S = scale.to(device=W.device, dtype=torch.float64)
+    scaled = W * S if S.dim() == 1 else W @ S
+    U, sigma, Vh = torch.linalg.svd(scaled, full_matrices=False)
+    root = sigma[:rank].sqrt()
+    up = U[:, :rank] * root
+    right = root[:, None] * Vh[:rank]  # k x in, still times S
+    if S.dim() == 1:
+        down = right / S
+    else:  # right S^{-1}: solve Sᵀ downᵀ = rightᵀ with Sᵀ upper triangular
+        down = torch.linalg.solve_triangular(S.T, right.T, upper=True).T
+    return up, down, sigma
+
 
 def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
     """||estimate - target||_F / ||target||_F (the error every solver and its tests report)."""

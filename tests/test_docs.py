@@ -102,7 +102,7 @@ def test_every_procedure_has_a_page(name):
     _page_checks(DOCS / "procedures" / f"{name}.md", f"{module}.{cls}")
 
 
-@pytest.mark.parametrize("name", ["svd", "lord", "modegpt", "afm", "pela", "loram"])
+@pytest.mark.parametrize("name", ["svd", "svd-llm", "asvd", "lord", "modegpt", "afm", "pela", "loram"])
 def test_every_compressor_has_a_page(name):
     from rankwise.compress import get_method
 
@@ -162,7 +162,7 @@ def test_generated_config_tables_list_every_field_with_its_real_default():
     configs = [info.config_cls for info in rankwise.list_methods()]
     from rankwise.compress import get_method
 
-    configs += [get_method(name)[0] for name in ("svd", "lord", "modegpt", "afm", "pela", "loram")]
+    configs += [get_method(name)[0] for name in ("svd", "svd-llm", "asvd", "lord", "modegpt", "afm", "pela", "loram")]
     for cls in configs:
         obj = package[cls.__module__.removeprefix("rankwise.") + "." + cls.__name__]
         sections = {s.kind.value: s for s in obj.docstring.parse("google")}

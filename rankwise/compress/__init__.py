@@ -15,6 +15,8 @@ from rankwise.compress.serialize import load_compressed, save_compressed
 # name -> module holding `<Name>Config` and `compress`; imported lazily so one broken method never hides the others
 _METHOD_MODULES = {
     "svd": ("rankwise.compress.svd", "SVDConfig"),
+    "svd-llm": ("rankwise.compress.svd_llm", "SVDLLMConfig"),
+    "asvd": ("rankwise.compress.asvd", "ASVDConfig"),
     "lord": ("rankwise.compress.lord", "LordConfig"),
     "modegpt": ("rankwise.compress.modegpt", "ModeGPTConfig"),
     "afm": ("rankwise.compress.afm", "AFMConfig"),

@@ -136,7 +136,8 @@ def low_rank_from_weight(linear: nn.Linear, up: torch.Tensor, down: torch.Tensor
     """A `LowRankLinear` with the factors given and `linear`'s bias on the up factor, in `linear`'s dtype."""
     dtype = linear.weight.dtype
     bias = linear.bias.detach() if linear.bias is not None else None
-    return LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias).to(dtype)
+    # on `linear`'s device: a freshly built module lives on the CPU even when the model runs on CUDA
+    return LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias).to(device=linear.weight.device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------- selection
@@ -303,7 +304,7 @@ def real_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def moment_hooks(modules: dict[str, nn.Module], side: str = "input",
-                 masks: list[torch.Tensor | None] | None = None) -> tuple[dict[str, SecondMoments], Callable[[], None]]:
+                 masks: list[torch.Tensor | None] | None = None, outer: bool = True) -> tuple[dict[str, SecondMoments], Callable[[], None]]:
     """Forward hooks accumulating float64 second moments of each module's input or output rows.
 
     Returns `(stats, remove)`; `stats[name]` is a `linalg.SecondMoments` filled on every forward.
@@ -320,17 +321,17 @@ def moment_hooks(modules: dict[str, nn.Module], side: str = "input",
             calls[name] = index + 1
             mask = masks[index % len(masks)] if masks else None
             if name not in stats:
-                stats[name] = SecondMoments(tensor.shape[-1])
+                stats[name] = SecondMoments(tensor.shape[-1], outer=outer)
             stats[name].update(real_rows(tensor, mask))
         handles.append(module.register_forward_hook(hook))
     return stats, lambda: [h.remove() for h in handles]
 
 
 def collect_moments(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch],
-                    side: str = "input") -> dict[str, SecondMoments]:
+                    side: str = "input", outer: bool = True) -> dict[str, SecondMoments]:
     """Run the whole model over `batches` once and return the second moments `moment_hooks` gathered
     (padded positions of dict batches with an `attention_mask` left out)."""
-    stats, remove = moment_hooks(modules, side, token_masks(batches))
+    stats, remove = moment_hooks(modules, side, token_masks(batches), outer)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -421,4 +422,83 @@ def replace_linear_layers(model: nn.Module, config: CompressConfig, method: str,
     if dense:
         builder.report.notes.append(f"{len(dense)} layer(s) kept dense: at ratio {config.ratio} two factors would "
                                     "hold as many parameters as the dense weight")
+    return model, builder.finish()
+
+
+# ------------------------------------------------------------------- calibrated, scaled truncated SVD
+def calibrate_in_order(model: nn.Module, names: list[str], batches: list[Batch], progress: str,
+                       replace: Callable[[list[str], dict[str, SecondMoments]], None], side: str = "input",
+                       outer: bool = True) -> str:
+    """Collect float64 moments of each targeted layer's inputs (or outputs), then let `replace` swap the layers.
+
+    When every target sits strictly inside the repeated blocks, the blocks are walked in order
+    (`blockwise`): a block's statistics are taken on the outputs of the *already-compressed* earlier
+    blocks, so later layers are fitted to the inputs they will really see; all layers of one block
+    are fitted from one pass of that block as it was. Otherwise one pass of the whole model.
+    Returns `"sequential"` or `"one pass"` (for the report). Padded positions are left out.
+    """
+    found = find_blocks(model)
+    # block-by-block only when every target sits strictly inside a block (a ModuleList of tables is not "blocks")
+    depth = found[0].count(".") + 2 if found is not None and found[0] else 1
+    in_blocks = found is not None and all(n.startswith(found[0] + ".") and n.count(".") >= depth for n in names)
+    if not in_blocks:
+        replace(names, collect_moments(model, {n: get_module(model, n) for n in names}, batches, side=side,
+                                       outer=outer))
+        return "one pass"
+    masks = token_masks(batches)
+    for index, block, inputs in blockwise(model, batches, progress):
+        block_names = [n for n in names if n.startswith(f"{found[0]}.{index}.")]
+        if not block_names:
+            continue
+        stats, remove = moment_hooks({n: get_module(model, n) for n in block_names}, side=side, masks=masks,
+                                     outer=outer)
+        try:
+            run_block(block, inputs)
+        finally:
+            remove()
+        replace(block_names, stats)
+    return "sequential"
+
+
+def scaled_svd_compress(model: nn.Module, config: CompressConfig, calibration, method: str,
+                        right_scale: Callable[[SecondMoments], tuple[torch.Tensor, dict[str, Any]]],
+                        outer: bool = True) -> tuple[nn.Module, CompressionReport]:
+    """Driver of the data-aware SVD compressors (SVD-LLM, ASVD): `W ~= up @ down`, optimal for `||(W - W') S||_F`.
+
+    `right_scale(stats)` turns a layer's input moments into `S` (a 1-D diagonal or a lower-triangular
+    matrix; see `linalg.scaled_low_rank`) and extra per-layer report fields (`outer=False`: it reads only
+    the means, so no `E[x xᵀ]` is accumulated). Ranks, targets and the
+    dense fallback are exactly `svd`'s (`rank_for_ratio`, `saves_parameters`), so `ratio` means the same.
+    """
+    from rankwise.linalg import scaled_low_rank
+
+    batches = check_calibration(model, calibration)
+    names = select_linears(model, config)
+    builder = ReportBuilder(method, model, config, names)
+    report = builder.report
+
+    def replace(layer_names: list[str], stats: dict[str, SecondMoments]) -> None:
+        for name in layer_names:
+            linear = get_module(model, name)
+            shape = [linear.out_features, linear.in_features]
+            rank = rank_for_ratio(linear.in_features, linear.out_features, config.ratio)
+            if not saves_parameters(linear.in_features, linear.out_features, rank):
+                report.layers[name] = {"kept_dense": True, "shape": shape}
+                continue
+            if name not in stats or stats[name].count == 0:
+                report.notes.append(f"{name} saw no calibration data and was left unchanged")
+                continue
+            scale, info = right_scale(stats[name])
+            up, down, sigma = scaled_low_rank(linear.weight, rank, scale)
+            energy = sigma.pow(2)
+            kept = float(energy[:rank].sum() / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny))
+            set_module(model, name, low_rank_from_weight(linear, up, down))
+            report.layers[name] = {"rank": rank, "shape": shape, "scaled_energy_kept": kept, **info}
+
+    report.extra["calibration_order"] = calibrate_in_order(model, names, batches, f"{method}: blocks", replace,
+                                                           outer=outer)
+    dense = [n for n, info in report.layers.items() if info.get("kept_dense")]
+    if dense:
+        report.notes.append(f"{len(dense)} layer(s) kept dense: at ratio {config.ratio} two factors would "
+                            "hold as many parameters as the dense weight")
     return model, builder.finish()

@@ -135,7 +135,7 @@ def quality(model, reference_embeddings, held_out, causal: bool) -> dict[str, fl
 
 def compress_command(
     model: str = typer.Argument(..., help="Hugging Face model directory, or an offline alias: smollm2, minilm"),
-    method: str = typer.Option(..., "--method", "-m", help="svd, lord, modegpt, afm, pela, loram"),
+    method: str = typer.Option(..., "--method", "-m", help="svd, svd-llm, asvd, lord, modegpt, afm, pela, loram"),
     ratio: float = typer.Option(0.5, "--ratio", help="fraction of the compressed layers' parameters to keep, in (0, 1]"),
     calibration: str = typer.Option("auto", "--calibration", "-c",
                                     help="text file, .safetensors with input_ids, or kjv / lee / auto"),
