@@ -264,3 +264,26 @@ def test_fine_tuning_needs_labels_or_a_causal_lm():
                              finetune_steps=8, finetune_lr=3e-3)
     info = report.extra["finetune"]
     assert info["loss"] == "causal-lm" and info["loss_after"] < info["loss_before"]
+
+
+def test_cli_afm_act_fine_tunes_a_causal_lm_and_reports_it(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    model_dir, cal, out = tmp_path / "tiny", tmp_path / "cal.safetensors", tmp_path / "out"
+    tiny_llama().save_pretrained(str(model_dir))
+    save_file({"input_ids": torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))}, str(cal))
+    result = CliRunner().invoke(app, ["compress", str(model_dir), "--method", "afm", "--ratio", "0.5",
+                                      "--calibration", str(cal), "--out", str(out), "--samples", "16",
+                                      "--eval-samples", "8", "--option", "activation=relu",
+                                      "--option", "finetune_steps=4", "--option", "finetune_lr=3e-3"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "report.json").read_text())["extra"]["finetune"]
+    assert info["steps"] == 4 and info["loss_after"] < info["loss_before"]
+    assert "finetune loss (4 steps)" in result.output
+    again = load_compressed(out)
+    assert isinstance(again.model.layers[0].mlp.up_proj, LowRankLinear)

@@ -239,3 +239,27 @@ def test_bad_new_options():
         LoramConfig(quantize="nf4")
     with pytest.raises(ConfigError, match="align_steps"):
         LoramConfig(align_steps=-1)
+
+
+def test_cli_loram_options(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    model_dir, cal = tmp_path / "tiny", tmp_path / "cal.safetensors"
+    gqa_llama().save_pretrained(str(model_dir))
+    save_file({"input_ids": torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))}, str(cal))
+    base = ["compress", str(model_dir), "--method", "loram", "--ratio", "0.5", "--calibration", str(cal),
+            "--samples", "16", "--eval-samples", "8", "--option", "r=4", "--option", "steps=3"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*base, "--out", str(out), "--option", "align_steps=3", "--option", "align_lr=1e-3",
+                                      "--option", "importance=gradient", "--option", "quantize=int8"])
+    assert result.exit_code == 0, result.output
+    extra = json.loads((out / "report.json").read_text())["extra"]
+    assert extra["align"]["steps"] == 3 and extra["importance"] == "gradient" and extra["quantize"]["scheme"] == "int8"
+    assert "align loss (3 steps)" in result.output
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--option", "quantize=nf4"])
+    assert bad.exit_code == 2 and "quantize" in bad.output and not (tmp_path / "bad").exists()
