@@ -205,14 +205,19 @@ def task_loss(model: nn.Module, inputs, labels: torch.Tensor | None) -> torch.Te
     if labels is None:
         return causal_lm_loss(model, inputs)
     if isinstance(inputs, dict):
-        out = run_model(model, {**inputs, "labels": labels})
+        try:
+            out = run_model(model, {**inputs, "labels": labels})
+        except TypeError as exc:
+            raise ConfigError(f"AFM fine-tuning: {type(model).__name__} takes no `labels` ({exc}): use a model with a "
+                              "task head, or pass (inputs, labels) pairs") from exc
         if getattr(out, "loss", None) is not None:
             return out.loss
     else:
         out = run_model(model, inputs)
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor):
-        raise ShapeError(f"AFM fine-tuning: the model returned a {type(logits).__name__}, not logits")
+        raise ConfigError(f"AFM fine-tuning: {type(model).__name__} returned a {type(logits).__name__}, not logits: "
+                          "fine-tune a model with a task head (its logits), or set finetune_steps=0")
     if labels.is_floating_point() and logits.squeeze(-1).shape == labels.shape:
         return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), labels.to(logits.dtype))
     if not labels.is_floating_point() and logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape:
@@ -282,6 +287,14 @@ def compress(model: nn.Module, config: AFMConfig, calibration) -> tuple[nn.Modul
         raise ConfigError(f"AFM fine-tuning (finetune_steps={steps}) needs the task's labels: pass calibration as "
                           "(inputs, labels) pairs or dicts with 'labels' (a causal LM trains on its own tokens), or set "
                           "finetune_steps=0")
+    if steps:  # one forward of the task loss on the untouched model: a bad loss setup fails before any change
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                task_loss(model, batches[0], labels[0] if labels is not None else None)
+        finally:
+            model.train(was_training)
     model, report = mimic(model, config, batches)
     if steps:
         factor_names = [n for n, info in report.layers.items() if "rank" in info]

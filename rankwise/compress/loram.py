@@ -344,6 +344,10 @@ def compress(model: nn.Module, config: LoramConfig, calibration) -> tuple[nn.Mod
     """Prune (1), align (1b, `align_steps`), optionally quantize the pruned base, train LoRA small (2),
     recover (3) and merge into `model` (4; returned merged, original shapes)."""
     batches = check_calibration(model, calibration)
+    if config.quantize is not None:  # fail before pruning when torchao is missing
+        from rankwise.quant import torchao_config
+
+        torchao_config(config.quantize, config.quantize_group_size)
     start = time.perf_counter()
     report = CompressionReport(method="loram", ratio=float(config.ratio), params_before=count_parameters(model))
     pruned, index = prune_llama(model, batches, config.ratio, config.prune_attention, config.keep_first,

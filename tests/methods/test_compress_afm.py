@@ -287,3 +287,21 @@ def test_cli_afm_act_fine_tunes_a_causal_lm_and_reports_it(tmp_path):
     assert "finetune loss (4 steps)" in result.output
     again = load_compressed(out)
     assert isinstance(again.model.layers[0].mlp.up_proj, LowRankLinear)
+
+
+def test_dict_batches_with_labels_use_the_models_own_loss():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = BertForSequenceClassification(config).eval()
+    batches = [{**b, "labels": (b["input_ids"][:, 0] % 2).long()} for b in padded_batches()]
+    model, report = compress(model, "afm", batches, ratio=0.6, activation="relu", finetune_steps=6, finetune_lr=3e-3)
+    info = report.extra["finetune"]
+    assert info["loss"] == "task labels" and info["loss_after"] < info["loss_before"]
+    bare = tiny_bert()
+    state = {k: v.clone() for k, v in bare.state_dict().items()}
+    with pytest.raises(ConfigError, match="not logits"):  # an encoder without a head: nothing to train against
+        compress(bare, "afm", batches, ratio=0.6, activation="relu", finetune_steps=1)
+    assert all(torch.equal(v, state[k]) for k, v in bare.state_dict().items())  # refused before any change
