@@ -179,9 +179,9 @@ def _replace(model: nn.Module, names: list[str], stats: dict[str, SecondMoments]
 def split_labels(calibration) -> tuple[list, list | None]:
     """`(input batches, labels per batch or None)`: a batch is inputs alone, an `(inputs, labels)` pair,
     or a dict with a `labels` key (its other keys are the inputs). All batches labelled, or none."""
-    if calibration is None or isinstance(calibration, (torch.Tensor, dict)):
+    if calibration is None or isinstance(calibration, torch.Tensor):
         return calibration, None
-    batches = list(calibration)
+    batches = [calibration] if isinstance(calibration, dict) else list(calibration)
     labelled = [isinstance(b, (tuple, list)) and len(b) == 2 or (isinstance(b, dict) and "labels" in b)
                 for b in batches]
     if not any(labelled):
