@@ -72,8 +72,16 @@ def main() -> None:
     afm, _ = compress(copy.deepcopy(base), "afm", calibration, ratio=0.1, target_modules=both, embedding_rank=2)
     record("afm mlp 0.1 + embeddings 2", afm)
     act, _ = compress(copy.deepcopy(base), "afm", calibration, ratio=0.1, target_modules=both, embedding_rank=2,
-                      activation="relu")
+                      activation="relu", finetune_steps=0)
     record("afm+act (no fine-tune)", act)
+    # the library's fine-tuning stage: labelled calibration = the whole training split, one pass (the default)
+    order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))
+    pairs = [(train.features[i], train.labels[i]) for i in order.split(512)]
+    tuned, report = compress(copy.deepcopy(base), "afm", pairs, ratio=0.1, target_modules=both, embedding_rank=2,
+                             activation="relu")
+    info = report.extra["finetune"]
+    record("afm+act + compress fine-tune stage (1 epoch)", tuned, steps=info["steps"],
+           train_loss_before=info["loss_before"], train_loss_after=info["loss_after"])
     record("afm+act + 1 epoch fine-tune", train_ctr(act, train, epochs=1, lr=1e-3))
     record("afm + 1 epoch fine-tune", train_ctr(afm, train, epochs=1, lr=1e-3))
     record("uncompressed + 1 more epoch", train_ctr(copy.deepcopy(base), train, epochs=1, lr=1e-3))

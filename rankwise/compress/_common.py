@@ -502,3 +502,37 @@ def scaled_svd_compress(model: nn.Module, config: CompressConfig, calibration, m
         report.notes.append(f"{len(dense)} layer(s) kept dense: at ratio {config.ratio} two factors would "
                             "hold as many parameters as the dense weight")
     return model, builder.finish()
+
+
+# ------------------------------------------------------------------------------------ training losses
+def is_causal_lm(model: nn.Module) -> bool:
+    """A transformers causal LM (its class or config architecture ends in `ForCausalLM` / `LMHeadModel`)."""
+    names = [type(model).__name__] + list(getattr(getattr(model, "config", None), "architectures", None) or [])
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` on a token-id batch (or a dict with `input_ids`).
+
+    Positions whose target is padding (`attention_mask == 0`) do not count.
+    """
+    ids = batch["input_ids"] if isinstance(batch, dict) else batch
+    logits = run_model(model, batch).logits
+    targets = ids[:, 1:]
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is not None:
+        targets = targets.masked_fill(mask[:, 1:] == 0, -100)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                       ignore_index=-100)
+
+
+def mean_causal_lm_loss(model: nn.Module, batches: list[Batch]) -> float:
+    """`causal_lm_loss` averaged over `batches` in eval mode, without gradients (mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = [float(causal_lm_loss(model, b)) for b in batches]
+    finally:
+        model.train(was_training)
+    return sum(losses) / max(len(losses), 1)

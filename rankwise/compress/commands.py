@@ -207,6 +207,10 @@ def compress_command(
     table.add_row("parameters (model)", f"{report.params_before:,}", f"{report.params_after:,}")
     for key in after:
         table.add_row(key, f"{before[key]:.4g}", f"{after[key]:.4g}")
+    for stage in ("finetune", "align"):  # AFM's fine-tuning, LoRAM's alignment: training loss before/after
+        if isinstance(report.extra.get(stage), dict):
+            info = report.extra[stage]
+            table.add_row(f"{stage} loss ({info['steps']} steps)", f"{info['loss_before']:.4g}", f"{info['loss_after']:.4g}")
     table.add_row("CPU latency (ms/batch)", f"{report.latency_ms['before']:.1f}", f"{report.latency_ms['after']:.1f}")
     table.add_row("file size (MB)", "", f"{report.file_size_bytes / 1e6:.1f}")
     Console().print(table)

@@ -100,3 +100,166 @@ def test_bad_inputs():
         LoramConfig(steps=-2)
     with pytest.raises(TargetError, match="Llama-style"):
         prune_llama(torch.nn.Sequential(torch.nn.Linear(2, 2)), [torch.randn(1, 2)], 0.5)
+
+
+# ------------------------------------------------------------------- alignment (step 1b)
+def pattern_batches(offset=0, n=2):
+    """A learnable, repetitive "language": rows of 0..15 counting up, shifted per batch."""
+    seq = torch.arange(16).repeat(4, 2) % 64
+    return [(seq + offset + i) % 64 for i in range(n)]
+
+
+def lm_loss(model, batches):
+    from rankwise.compress._common import mean_causal_lm_loss
+
+    return mean_causal_lm_loss(model, batches)
+
+
+def test_alignment_lowers_the_pruned_models_held_out_loss():
+    from rankwise.compress.loram import align_pruned
+
+    model = gqa_llama()
+    cal, held_out = pattern_batches(0), pattern_batches(7)
+    pruned, _ = prune_llama(model, cal, 0.5)
+    before = lm_loss(pruned, held_out)
+    head = pruned.lm_head.weight.detach().clone()
+    info = align_pruned(pruned, cal, steps=20, lr=3e-3)
+    assert info["loss_after"] < info["loss_before"] and len(info["history"]) == 20
+    assert lm_loss(pruned, held_out) < before - 0.1
+    torch.testing.assert_close(pruned.lm_head.weight, head, rtol=0, atol=0)  # the LM head stays frozen
+    # through compress: reported, and the merged model is still the original's shape
+    merged, report = compress(copy.deepcopy(model), "loram", cal, ratio=0.5, steps=10, lr=1e-2, r=4, align_steps=20,
+                              align_lr=3e-3)
+    assert report.extra["align"]["loss_after"] < report.extra["align"]["loss_before"]
+    assert count_parameters(merged) == count_parameters(model)
+
+
+def test_no_alignment_is_the_plain_pipeline_exactly():
+    from rankwise.compress.loram import recover_adapter, train_lora
+
+    model = gqa_llama()
+    cal = pattern_batches(0)
+    config = LoramConfig(ratio=0.5, steps=5, lr=1e-2, r=4)
+    torch.manual_seed(1)  # the LoRA initialisation draws from the global generator
+    merged, report = compress(copy.deepcopy(model), "loram", cal, ratio=0.5, steps=5, lr=1e-2, r=4, align_steps=0)
+    assert "align" not in report.extra
+    torch.manual_seed(1)
+    pruned, index = prune_llama(model, cal, 0.5)
+    adapted, _ = train_lora(pruned, cal, config)
+    manual = recover_adapter(adapted, copy.deepcopy(model), index, config).merge_and_unload()
+    for (name, p), (_, q) in zip(merged.state_dict().items(), manual.state_dict().items()):
+        torch.testing.assert_close(p, q, msg=name, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------- gradient importance
+def dead_neuron_llama(neuron=5, dim=3):
+    """A 3-block Llama whose block-1 MLP neuron `neuron` fires hard and writes a large vector into
+    residual dimension `dim`, which every later norm multiplies by 0 (and a large `rms_norm_eps`
+    keeps the RMS denominator from reading it): big activation energy, ~no effect on the loss."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=4, max_position_embeddings=64,
+                         rms_norm_eps=100.0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        mlp = model.model.layers[1].mlp
+        mlp.gate_proj.weight[neuron] *= 20
+        mlp.up_proj.weight[neuron] *= 20
+        mlp.down_proj.weight[:, neuron] = 0
+        mlp.down_proj.weight[dim, neuron] = 5.0
+        for norm in (model.model.layers[2].input_layernorm, model.model.layers[2].post_attention_layernorm,
+                     model.model.norm):
+            norm.weight[dim] = 0
+    return model
+
+
+def test_gradient_importance_prunes_a_loud_neuron_the_loss_ignores():
+    from rankwise.compress.loram import activation_scores, gradient_scores
+
+    model = dead_neuron_llama()
+    cal = token_batches(3)
+    blocks = model.model.layers
+    act = activation_scores(model, blocks, cal, [1])[1][0]
+    grad = gradient_scores(model, blocks, cal, [1])[1][0]
+    assert int(act.argmax()) == 5  # the loudest neuron by activation energy
+    assert grad[5] < 0.05 * grad.median()  # and nearly irrelevant to the loss
+    _, by_act = prune_llama(model, cal, 0.5, importance="activation")
+    _, by_grad = prune_llama(model, cal, 0.5, importance="gradient")
+    assert 5 in by_act["model.layers.1.mlp.up_proj"]["rows"].tolist()
+    assert 5 not in by_grad["model.layers.1.mlp.up_proj"]["rows"].tolist()
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    merged, report = compress(copy.deepcopy(model), "loram", cal, ratio=0.5, steps=2, r=4, importance="gradient")
+    assert report.extra["importance"] == "gradient"
+
+
+def test_gradient_kv_head_score_sums_its_heads_weights():
+    from rankwise.compress.loram import gradient_scores
+
+    model = gqa_llama()
+    cal = token_batches(2)
+    attn = model.model.layers[1].self_attn
+    scores = gradient_scores(model, model.model.layers, cal, [1])[1][1]
+    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight]
+    loss = sum(__import__("rankwise.compress._common", fromlist=["x"]).causal_lm_loss(model, b) for b in cal)
+    grads = torch.autograd.grad(loss, weights)
+    t = [(w * g).abs().double() for w, g in zip(weights, grads)]
+    # KV head 1 (head_dim 4, 4 query heads each): k/v rows 4..7, q rows 16..31, o columns 16..31
+    expected = t[1][4:8].sum() + t[2][4:8].sum() + t[0][16:32].sum() + t[3][:, 16:32].sum()
+    torch.testing.assert_close(scores[1], expected, rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------- quantized pruned base (QLoRAM)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_pruned_base_trains_and_merges_into_the_full_precision_original(scheme):
+    pytest.importorskip("torchao")
+    from rankwise.quant import QuantizedLinear
+
+    model = gqa_llama()
+    cal = pattern_batches(0)
+    merged, report = compress(copy.deepcopy(model), "loram", cal, ratio=0.5, steps=15, lr=1e-2, r=4,
+                              quantize=scheme, quantize_group_size=16)
+    assert report.extra["quantize"]["layers"] > 0 and report.extra["quantize"]["scheme"] == scheme
+    assert report.extra["train_loss_last"] < report.extra["train_loss_first"]  # gradients reached the adapter
+    assert not any(isinstance(m, QuantizedLinear) for m in merged.modules())  # merged into the fp original
+    assert merged.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
+    delta = merged.model.layers[0].self_attn.q_proj.weight - model.model.layers[0].self_attn.q_proj.weight
+    assert delta.abs().max() > 0
+    # untouched weights (no LoRA on them) are bit-equal to the original: nothing was dequantized back into it
+    torch.testing.assert_close(merged.model.layers[1].input_layernorm.weight,
+                               model.model.layers[1].input_layernorm.weight, rtol=0, atol=0)
+    plain, _ = compress(copy.deepcopy(model), "loram", cal, ratio=0.5, steps=15, lr=1e-2, r=4)
+    # the merged update is W0 + s B A on the ORIGINAL weights: its distance to plain LoRAM is the adapter's only
+    assert (merged.model.layers[1].mlp.up_proj.weight - plain.model.layers[1].mlp.up_proj.weight).abs().max() < 0.5
+
+
+def test_bad_new_options():
+    with pytest.raises(ConfigError, match="importance"):
+        LoramConfig(importance="random")
+    with pytest.raises(ConfigError, match="quantize"):
+        LoramConfig(quantize="nf4")
+    with pytest.raises(ConfigError, match="align_steps"):
+        LoramConfig(align_steps=-1)
+
+
+def test_cli_loram_options(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    model_dir, cal = tmp_path / "tiny", tmp_path / "cal.safetensors"
+    gqa_llama().save_pretrained(str(model_dir))
+    save_file({"input_ids": torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))}, str(cal))
+    base = ["compress", str(model_dir), "--method", "loram", "--ratio", "0.5", "--calibration", str(cal),
+            "--samples", "16", "--eval-samples", "8", "--option", "r=4", "--option", "steps=3"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*base, "--out", str(out), "--option", "align_steps=3", "--option", "align_lr=1e-3",
+                                      "--option", "importance=gradient", "--option", "quantize=int8"])
+    assert result.exit_code == 0, result.output
+    extra = json.loads((out / "report.json").read_text())["extra"]
+    assert extra["align"]["steps"] == 3 and extra["importance"] == "gradient" and extra["quantize"]["scheme"] == "int8"
+    assert "align loss (3 steps)" in result.output
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--option", "quantize=nf4"])
+    assert bad.exit_code == 2 and "quantize" in bad.output and not (tmp_path / "bad").exists()
