@@ -280,3 +280,23 @@ def test_compressing_twice_is_refused():
     model, _ = compress(tiny_llama(), "modegpt", token_batches(), ratio=0.7)
     with pytest.raises(TargetError, match="already compressed"):
         compress(model, "modegpt", token_batches(), ratio=0.7)
+
+
+def test_biased_qwen2_attention_full_ratio_is_exact():
+    """Qwen2 has q/k/v biases: the value bias is folded into o_proj's, the others carried to the smaller module."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+    ids = token_batches(1)[0]
+    reference = model(ids).logits
+    model, _ = compress(model, "modegpt", token_batches(), ratio=1.0)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn, PrunedRopeAttention) and attn.v_proj.bias is None and attn.o_proj.bias is not None
+    assert (model(ids).logits - reference).abs().max() < 1e-5
