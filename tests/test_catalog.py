@@ -18,7 +18,7 @@ ROOT = Path(rankwise.__file__).parent
 # Modules of the method packages that implement no method of their own (infrastructure a reviewer can check).
 INFRASTRUCTURE = {
     "rankwise.pretrain.recipe", "rankwise.pretrain.replace", "rankwise.pretrain.welore_run",
-    "rankwise.compress.evaluate", "rankwise.compress.serialize",
+    "rankwise.compress.evaluate", "rankwise.compress.serialize", "rankwise.compress.pruned_attention",
     "rankwise.federated.base", "rankwise.federated.partition", "rankwise.federated.report",
     "rankwise.federated.simulation", "rankwise.federated.task",
     "rankwise.solvers.result", "rankwise.layers.s4d_demo",

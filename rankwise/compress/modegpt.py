@@ -16,9 +16,11 @@ s_l = 1 - E[cos(x_in, x_out)] (less important blocks are cut more), clamped and 
 mean(phi) = phi_mean = 1 - ratio. Calibration statistics are accumulated in float64 and the blocks are
 processed in order on the outputs of the already-compressed earlier blocks.
 
-Shapes stay what Hugging Face's attention code expects: a pruned Q/K/V projection computes only its kept
-rows and scatters them into zeros (`ScatterOutputLinear`), O reads only the kept columns
-(`GatherInputLinear`). Parameters shrink by the kept fraction; attention FLOPs are unchanged.
+The compressed model is physically smaller: each block's attention is replaced by a
+`pruned_attention.PrunedRopeAttention` (Llama-style) or `PrunedSelfAttention` (BERT-style) whose q/k heads
+have the kept `qk_dim` dims (RoPE pairs at their original frequencies), v/o heads `v_dim`, so attention
+FLOPs and the KV cache shrink with the parameters; the MLP projections become smaller `nn.Linear`s.
+Inside a block the statistics are sequential too: the MLP's are taken after the attention is compressed.
 Supports Llama-style blocks (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, RoPE) and BERT-style
 encoder blocks (`attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`,
 `output.dense`; absolute positions, so single Q-K dims are kept, and biases are carried through).
@@ -36,6 +38,7 @@ from rankwise.compress._common import (CompressConfig, CompressionReport, Report
                                        capture_block_inputs, check_calibration, find_blocks, get_module, moment_hooks,
                                        real_rows, token_masks,
                                        run_block, with_hidden)
+from rankwise.compress.pruned_attention import PrunedRopeAttention, PrunedSelfAttention
 from rankwise.compress.serialize import register_module_kind
 from rankwise.core.errors import ConfigError, TargetError, check_field
 from rankwise.linalg import psd_sqrt_and_inverse_sqrt
@@ -72,6 +75,8 @@ class ModeGPTConfig(CompressConfig):
 
 
 # ----------------------------------------------------------------------------------------- layers
+# Legacy: compressed directories written before the attention became physically smaller hold these two kinds;
+# they stay registered so such directories still load. New compressions never build them.
 class ScatterOutputLinear(nn.Module):
     """Computes only the kept output rows of a linear and puts them at `index` in a zero vector of `out_full`."""
 
@@ -205,7 +210,7 @@ def allocate_sparsity(scores: torch.Tensor, mean_sparsity: float, eps: float, ma
 class _Parts:
     """Where one block keeps the matrices MoDeGPT pairs up, as `(owner module, attribute)` per role.
 
-    Roles: q, k, v, o (attention), up, gate (None when the MLP is not gated), down. `rope` says whether
+    Roles: attention (the module MoDeGPT replaces), q, k, v, o (its projections), up, gate (None when the MLP is not gated), down. `rope` says whether
     rotary pairs (i, i + hd/2) must be kept together in the Q-K step.
     """
 
@@ -226,7 +231,8 @@ def _block_parts(block: nn.Module) -> _Parts:
     (`attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`, `output.dense`)."""
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if attn is not None and mlp is not None:
-        slots = {"q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "o_proj"),
+        slots = {"attention": (block, "self_attn"),
+                 "q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "o_proj"),
                  "up": (mlp, "up_proj"), "down": (mlp, "down_proj"),
                  "gate": (mlp, "gate_proj") if getattr(mlp, "gate_proj", None) is not None else None}
         head_dim, rope = getattr(attn, "head_dim", None), True
@@ -237,13 +243,20 @@ def _block_parts(block: nn.Module) -> _Parts:
         if None in (inner, out_proj, intermediate, output):
             slots, head_dim, rope = {}, None, False
         else:
-            slots = {"q": (inner, "query"), "k": (inner, "key"), "v": (inner, "value"), "o": (out_proj, "dense"),
+            slots = {"attention": (attention, "self"), "q": (inner, "query"), "k": (inner, "key"), "v": (inner, "value"), "o": (out_proj, "dense"),
                      "up": (intermediate, "dense"), "down": (output, "dense"), "gate": None}
             head_dim = getattr(inner, "attention_head_size", None)
             # relative-position BERT variants score keys against positions; only absolute embeddings are safe
             rope = False
             if getattr(inner, "position_embedding_type", "absolute") not in (None, "absolute"):
                 slots = {}
+    attention = getattr(*slots["attention"]) if slots else None
+    if isinstance(attention, (PrunedRopeAttention, PrunedSelfAttention)):
+        raise TargetError(f"{type(block).__name__} is already compressed by MoDeGPT (its attention is a "
+                          f"{type(attention).__name__}): compress the original model once")
+    if getattr(attention, "q_norm", None) is not None or getattr(attention, "k_norm", None) is not None:
+        raise TargetError(f"{type(attention).__name__} normalises each query/key head (q_norm/k_norm): pruning head "
+                          "dims would change those norms, so MoDeGPT does not support it")
     parts = _Parts(slots, head_dim, rope)
     needed = ("q", "k", "v", "o", "up", "down") + (("gate",) if slots.get("gate") else ())
     if not slots or not isinstance(head_dim, int) or not all(isinstance(parts.get(r), nn.Linear) for r in needed):
@@ -303,17 +316,8 @@ def _head_diag(weight: torch.Tensor, bias: torch.Tensor | None, corr: torch.Tens
     return diag.view(-1, hd)
 
 
-def _scatter(linear: nn.Linear, rows: torch.Tensor) -> ScatterOutputLinear:
-    new = ScatterOutputLinear(linear.in_features, rows, linear.out_features, linear.bias is not None)
-    new = new.to(linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[rows])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[rows])
-    return new.to(linear.weight.dtype)
-
-
-def _compress_qk(parts: _Parts, corr: torch.Tensor, mean: torch.Tensor, keep: float) -> None:
+def _qk_dims(parts: _Parts, corr: torch.Tensor, mean: torch.Tensor, keep: float) -> list[torch.Tensor]:
+    """Type II: the head dims each KV head (and its query heads) keeps, RoPE pairs as `[i.., i + hd/2 ..]`."""
     hd = parts.head_dim
     q, key = parts.get("q"), parts.get("k")
     group = q.out_features // key.out_features
@@ -321,48 +325,118 @@ def _compress_qk(parts: _Parts, corr: torch.Tensor, mean: torch.Tensor, keep: fl
     k = max(2, 2 * math.floor(keep * hd / 2)) if parts.rope else max(1, math.floor(keep * hd))
     q_diag = _head_diag(q.weight, q.bias, corr, mean, hd)
     k_diag = _head_diag(key.weight, key.bias, corr, mean, hd)
-    kept = cr_head_dims(q_diag, k_diag, group, k, rope=parts.rope)
-    k_rows = torch.cat([j * hd + dims for j, dims in enumerate(kept)])
-    q_rows = torch.cat([h * hd + kept[h // group] for h in range(len(kept) * group)])
-    parts.set("q", _scatter(q, q_rows))
-    parts.set("k", _scatter(key, k_rows))
+    return cr_head_dims(q_diag, k_diag, group, k, rope=parts.rope)
 
 
-def _compress_vo(parts: _Parts, corr: torch.Tensor, keep: float, ridge: float) -> None:
+@dataclass
+class _ValueOutput:
+    """The rebuilt value/output pair of one block: `value` [KV*v_dim, d], `output` [d, H*v_dim] (nn.Linear layout)."""
+
+    v_dim: int
+    value: torch.Tensor
+    value_bias: torch.Tensor | None
+    output: torch.Tensor
+    output_bias: torch.Tensor | None
+
+
+def _vo_factors(parts: _Parts, corr: torch.Tensor, keep: float, ridge: float) -> _ValueOutput:
+    """Type III per KV head; a value bias is folded into the output bias (attention rows sum to 1)."""
     hd = parts.head_dim
     v, o = parts.get("v"), parts.get("o")
     n_kv, n_heads = v.out_features // hd, o.in_features // hd
     group = n_heads // n_kv
     k = max(1, math.floor(keep * hd))
-    dtype = v.weight.dtype
     new_v_rows, new_o_cols = [], []
     o_bias = o.bias.detach().double().clone() if o.bias is not None else torch.zeros(o.out_features, dtype=torch.float64)
     for j in range(n_kv):
         w_v = v.weight[j * hd:(j + 1) * hd].T.detach()
         heads = range(j * group, (j + 1) * group)
         w_os = [o.weight[:, h * hd:(h + 1) * hd].T.detach() for h in heads]
-        if v.bias is not None:  # attention rows sum to 1, so a value bias reaches o_proj as a constant
+        if v.bias is not None:
             for w_o in w_os:
                 o_bias += v.bias[j * hd:(j + 1) * hd].double() @ w_o.double()
         new_v, new_os, _ = value_output_svd(corr, w_v, w_os, k, ridge)
         new_v_rows.append(new_v.T)
         new_o_cols.extend(w.T for w in new_os)
-    v_index = torch.cat([j * hd + torch.arange(k) for j in range(n_kv)])
-    o_index = torch.cat([h * hd + torch.arange(k) for h in range(n_heads)])
     has_bias = o.bias is not None or v.bias is not None
-    new_v_layer = ScatterOutputLinear(v.in_features, v_index, v.out_features, bias=False).to(dtype)
-    new_o_layer = GatherInputLinear(o.in_features, o_index, o.out_features, bias=has_bias).to(dtype)
+    return _ValueOutput(k, torch.cat(new_v_rows), None, torch.cat(new_o_cols, dim=1), o_bias if has_bias else None)
+
+
+def _unchanged_vo(parts: _Parts) -> _ValueOutput:
+    v, o = parts.get("v"), parts.get("o")
+    bias = lambda m: m.bias.detach() if m.bias is not None else None  # noqa: E731
+    return _ValueOutput(parts.head_dim, v.weight.detach(), bias(v), o.weight.detach(), bias(o))
+
+
+def _copy(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     with torch.no_grad():
-        new_v_layer.weight.copy_(torch.cat(new_v_rows).to(dtype))
-        new_o_layer.weight.copy_(torch.cat(new_o_cols, dim=1).to(dtype))
-        if has_bias:
-            new_o_layer.bias.copy_(o_bias.to(dtype))
-    parts.set("v", new_v_layer.to(dtype))
-    parts.set("o", new_o_layer.to(dtype))
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.copy_(bias.to(linear.bias.dtype))
+
+
+def _install_attention(parts: _Parts, kept: list[torch.Tensor] | None, vo: _ValueOutput) -> None:
+    """Replace the block's attention by one that computes in the kept sizes (`pruned_attention.py`).
+
+    `kept`: type II's dims per KV head (None keeps all); `vo`: type III's rebuilt value/output pair.
+    """
+    hd = parts.head_dim
+    q, key, o = parts.get("q"), parts.get("k"), parts.get("o")
+    old = getattr(*parts.slots["attention"])
+    n_heads, n_kv = q.out_features // hd, key.out_features // hd
+    group = n_heads // n_kv
+    if kept is None:
+        kept = [torch.arange(hd)] * n_kv
+    qk_dim = len(kept[0])
+    k_rows = torch.cat([j * hd + dims for j, dims in enumerate(kept)])
+    q_rows = torch.cat([h * hd + kept[h // group] for h in range(n_heads)])
+    sizes = dict(hidden_size=q.in_features, num_heads=n_heads, num_kv_heads=n_kv, qk_dim=qk_dim, v_dim=vo.v_dim,
+                 head_dim=hd, scaling=float(getattr(old, "scaling", hd ** -0.5)),
+                 layer_idx=getattr(old, "layer_idx", None))
+    bias = lambda m, rows: m.bias.detach()[rows] if m.bias is not None else None  # noqa: E731
+    dtype, device = q.weight.dtype, q.weight.device
+    if parts.rope:
+        new = PrunedRopeAttention(**sizes, attention_dropout=float(getattr(old, "attention_dropout", 0.0)),
+                                  is_causal=bool(getattr(old, "is_causal", True)), q_bias=q.bias is not None,
+                                  k_bias=key.bias is not None, v_bias=vo.value_bias is not None,
+                                  o_bias=vo.output_bias is not None).to(device=device, dtype=dtype)
+        new.rope_dims.copy_(torch.stack(kept))
+        projections = (new.q_proj, new.k_proj, new.v_proj)
+        _copy(new.o_proj, vo.output, vo.output_bias)
+    else:
+        dropout = getattr(old, "dropout", None)
+        new = PrunedSelfAttention(**sizes, attention_dropout=float(getattr(dropout, "p", 0.0)),
+                                  is_causal=bool(getattr(old, "is_causal", False)), q_bias=q.bias is not None,
+                                  k_bias=key.bias is not None,
+                                  v_bias=vo.value_bias is not None).to(device=device, dtype=dtype)
+        projections = (new.query, new.key, new.value)
+        out = nn.Linear(n_heads * vo.v_dim, o.out_features, bias=vo.output_bias is not None).to(device=device, dtype=dtype)
+        _copy(out, vo.output, vo.output_bias)
+        parts.set("o", out)
+    _copy(projections[0], q.weight.detach()[q_rows], bias(q, q_rows))
+    _copy(projections[1], key.weight.detach()[k_rows], bias(key, k_rows))
+    _copy(projections[2], vo.value, vo.value_bias)
+    setattr(*parts.slots["attention"], new.train(old.training))
+
+
+def _input_moments(block: nn.Module, inputs: list, modules: dict[str, nn.Module], masks) -> dict:
+    """Run `block` as it is now over the calibration inputs and return the input moments of `modules`."""
+    stats, remove = moment_hooks(modules, side="input", masks=masks)
+    try:
+        run_block(block, inputs)
+    finally:
+        remove()
+    return stats
 
 
 def compress(model: nn.Module, config: ModeGPTConfig, calibration) -> tuple[nn.Module, CompressionReport]:
-    """Compress every block of a Llama- or BERT-style model in place with MoDeGPT (needs calibration batches)."""
+    """Compress every block of a Llama- or BERT-style model in place with MoDeGPT (needs calibration batches).
+
+    Sequential, as the paper: blocks in order on the outputs of the already-compressed earlier blocks, and
+    inside a block the attention (Q-K, V-O) first, then the MLP from statistics of the block re-run with its
+    compressed attention. The attention becomes a `PrunedRopeAttention` / `PrunedSelfAttention` computing in
+    the kept head sizes; the MLP projections become smaller `nn.Linear`s.
+    """
     batches = check_calibration(model, calibration)
     found = find_blocks(model)
     if found is None:
@@ -387,18 +461,19 @@ def compress(model: nn.Module, config: ModeGPTConfig, calibration) -> tuple[nn.M
     for index, block, inputs in blockwise(model, batches, "modegpt: blocks"):
         keep = 1.0 - float(phis[index])
         parts = _block_parts(block)
-        stats, remove = moment_hooks({"attn": parts.get("q"), "mlp": parts.get("down")}, side="input", masks=masks)
-        try:
-            run_block(block, inputs)
-        finally:
-            remove()
+        info = {"sparsity": float(phis[index])}
+        if "qk" in config.modules or "vo" in config.modules:
+            attn = _input_moments(block, inputs, {"attn": parts.get("q")}, masks)["attn"]
+            kept = _qk_dims(parts, attn.correlation(), attn.mean(), keep) if "qk" in config.modules else None
+            vo = _vo_factors(parts, attn.correlation(), keep, config.vo_ridge) if "vo" in config.modules else _unchanged_vo(parts)
+            _install_attention(parts, kept, vo)
+            info.update(qk_dim=len(kept[0]) if kept is not None else parts.head_dim, v_dim=vo.v_dim)
         if "mlp" in config.modules:
-            _compress_mlp(parts, stats["mlp"].correlation(), keep, config.nystrom_ridge)
-        if "qk" in config.modules:
-            _compress_qk(parts, stats["attn"].correlation(), stats["attn"].mean(), keep)
-        if "vo" in config.modules:
-            _compress_vo(parts, stats["attn"].correlation(), keep, config.vo_ridge)
-        builder.report.layers[f"{prefix}.{index}"] = {"sparsity": float(phis[index])}
+            # after the attention: the MLP sees what the compressed attention feeds it
+            mlp = _input_moments(block, inputs, {"mlp": parts.get("down")}, masks)["mlp"]
+            _compress_mlp(parts, mlp.correlation(), keep, config.nystrom_ridge)
+            info["intermediate"] = parts.get("down").in_features
+        builder.report.layers[f"{prefix}.{index}"] = info
     return model, builder.finish()
 
 # The catalog (`rankwise methods`) reads this: what this file implements, its paper, and what runs it.
