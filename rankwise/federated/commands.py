@@ -23,7 +23,11 @@ def register(app: typer.Typer) -> None:
         iid: bool = typer.Option(False, "--iid", help="IID split instead of Dirichlet(alpha)."),
         rank: int = typer.Option(8, min=1, help="LoRA rank on the head's two hidden layers."),
         lora_alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha/rank)."),
-        lam: float = typer.Option(0.01, help="LoRA-FAIR ridge regulariser of the residual correction."),
+        solver: str = typer.Option("sgd", help="LoRA-FAIR server solver: sgd (the paper's 1 - cos + lam ||dB|| objective) | ridge (closed form)."),
+        lam: float = typer.Option(0.01, help="LoRA-FAIR: the paper's lambda, weight of ||dB||_F in the sgd solver's objective."),
+        ridge_lam: Optional[float] = typer.Option(None, help="LoRA-FAIR --solver ridge: weight of ||dB||_F^2 (default 0.01; not the same unit as --lam)."),
+        server_steps: int = typer.Option(200, min=0, help="LoRA-FAIR --solver sgd: Adam steps per layer and round on the server."),
+        server_lr: float = typer.Option(0.05, help="LoRA-FAIR --solver sgd: relative server learning rate."),
         lr: float = typer.Option(3e-3, help="Client learning rate (AdamW, constant)."),
         local_epochs: int = typer.Option(1, min=1),
         batch_size: int = typer.Option(32, min=1),
@@ -70,9 +74,16 @@ def register(app: typer.Typer) -> None:
             tensors = load_features(features)
             head = HeadSpec(in_features=int(tensors["train_x"].shape[1]), hidden=hidden, num_classes=int(tensors["train_y"].max()) + 1,
                             rank=rank, lora_alpha=lora_alpha, lr=lr, local_epochs=local_epochs, batch_size=batch_size, seed=seed)
+            if ridge_lam is None:
+                # before the paper's solver existed, --lam was the ridge weight: keep that meaning for --solver ridge
+                ridge_lam = lam if solver == "ridge" else 0.01
+                if solver == "ridge" and lam != 0.01:
+                    console.print("[yellow]deprecated:[/yellow] --lam with --solver ridge is read as --ridge-lam; --lam now "
+                                  "means the paper's lambda of --solver sgd. Pass --ridge-lam instead.")
             fault = FaultSpec(fail_client, fail_round, fail_mode, hang_seconds=round_timeout + 5) if fail_client is not None else None
             runs = [FederatedRun(features=str(features), strategy=name, clients=clients, rounds=rounds, alpha=None if iid else alpha,
-                                 head=head, lam=lam, round_timeout=round_timeout, workers=workers, seed=seed, fault=fault, device=device) for name in names]
+                                 head=head, lam=lam, solver=solver,
+                                 ridge_lam=ridge_lam, server_steps=server_steps, server_lr=server_lr, round_timeout=round_timeout, workers=workers, seed=seed, fault=fault, device=device) for name in names]
             for run in runs:
                 columns = [TextColumn(f"[bold]{run.strategy}"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn()]
                 with Progress(*columns, console=console) as bar:

@@ -62,7 +62,11 @@ class FederatedRun:
     rounds: int = 20
     alpha: float | None = 0.5
     head: HeadSpec = field(default_factory=HeadSpec)
-    lam: float = 0.01
+    lam: float = 0.01            # LoRA-FAIR: the paper's lambda (weight of ||dB||_F in the similarity objective)
+    solver: str = "sgd"          # LoRA-FAIR server solver: "sgd" (the paper's objective) | "ridge" (closed form)
+    ridge_lam: float = 0.01      # LoRA-FAIR solver="ridge": weight of ||dB||_F^2
+    server_steps: int = 200      # LoRA-FAIR solver="sgd": optimiser steps per layer and round
+    server_lr: float = 0.05      # ...relative learning rate (see lora_fair.similarity_correction)
     round_timeout: float = 300.0
     workers: int = 2
     seed: int = 0
@@ -74,6 +78,8 @@ class FederatedRun:
 
         self.device = resolve_device(self.device).type  # ConfigError when CUDA is asked for and absent
         strategy_class(self.strategy)  # raises ConfigError naming the choices
+        if self.strategy == "lora-fair":
+            self.make_strategy()  # a bad solver or lambda fails here, in the driver, not in the ServerApp
         for name in ("clients", "rounds", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"FederatedRun.{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
@@ -93,7 +99,8 @@ class FederatedRun:
         cls = strategy_class(self.strategy)
         kwargs: dict[str, Any] = {"scaling": self.head.scaling, "min_train_nodes": 1, "min_available_nodes": self.clients}
         if self.strategy == "lora-fair":
-            kwargs["lam"] = self.lam
+            kwargs.update(lam=self.lam, solver=self.solver, ridge_lam=self.ridge_lam, server_steps=self.server_steps,
+                          server_lr=self.server_lr)
         if self.strategy == "stacking":
             kwargs["seed"] = self.seed
         return cls(**kwargs)

@@ -6,7 +6,7 @@ import torch
 
 from rankwise.core.errors import ConfigError
 from rankwise.federated.baselines import FedItStrategy, FfaLoraStrategy, StackingStrategy, strategy_class
-from rankwise.federated.lora_fair import LoraFairStrategy, residual_correction
+from rankwise.federated.lora_fair import LoraFairStrategy, SimilarityObjective, residual_correction, similarity_correction
 from rankwise.federated.partition import dirichlet_partition
 from rankwise.federated.task import HeadSpec, build_model, load_model_state, model_state, train_local
 from rankwise.linalg import mean_of_products, ridge_right_solve, stack_low_rank
@@ -78,7 +78,7 @@ def test_lora_fair_identical_clients_zero_correction_equals_fedit():
 def test_lora_fair_closer_to_mean_product_than_fedit_on_random_clients(seed):
     As, Bs, w = random_clients(5, seed=seed)
     target = mean_of_products(Bs, As, w)
-    A_bar, B_bar, correction = residual_correction(As, Bs, w, lam=0.01)
+    A_bar, B_bar, correction = residual_correction(As, Bs, w, ridge_lam=0.01)
     err_fedit = frob(target - B_bar @ A_bar)
     err_fair = frob(target - (B_bar + correction) @ A_bar)
     assert err_fair < err_fedit
@@ -90,7 +90,7 @@ def test_lora_fair_closer_to_mean_product_than_fedit_on_random_clients(seed):
 
 def test_lora_fair_correction_is_the_ridge_minimiser_and_vanishes_for_large_lambda():
     As, Bs, w = random_clients(4, seed=3)
-    A_bar, B_bar, correction = residual_correction(As, Bs, w, lam=0.5)
+    A_bar, B_bar, correction = residual_correction(As, Bs, w, ridge_lam=0.5)
     residual = mean_of_products(Bs, As, w) - B_bar @ A_bar
     objective = lambda dB: frob(residual - dB @ A_bar) ** 2 + 0.5 * frob(dB) ** 2  # noqa: E731
     g = torch.Generator().manual_seed(0)
@@ -98,7 +98,7 @@ def test_lora_fair_correction_is_the_ridge_minimiser_and_vanishes_for_large_lamb
         assert objective(correction) <= objective(correction + 1e-2 * torch.randn(correction.shape, generator=g)) + 1e-6
     closed = residual @ A_bar.T @ torch.linalg.inv(A_bar @ A_bar.T + 0.5 * torch.eye(R))
     assert torch.allclose(correction, closed, atol=1e-4)
-    _, _, tiny = residual_correction(As, Bs, w, lam=1e6)
+    _, _, tiny = residual_correction(As, Bs, w, ridge_lam=1e6)
     assert frob(tiny) < 1e-3 * frob(correction)
     assert torch.allclose(ridge_right_solve(residual @ A_bar.T, A_bar, 0.0), residual @ torch.linalg.pinv(A_bar), atol=1e-3)
 
@@ -144,14 +144,18 @@ def test_lora_fair_beats_fedit_on_clients_trained_on_dirichlet_splits():
         train_local(model, x[idx], y[idx], spec, seed=k)
         uploads.append(model_state(model))
         sizes.append(len(idx))
-    fair = LoraFairStrategy().aggregate_states(start, uploads, sizes)
+    fair = LoraFairStrategy(solver="ridge").aggregate_states(start, uploads, sizes)
     fedit = FedItStrategy().aggregate_states(start, uploads, sizes)
+    paper = LoraFairStrategy().aggregate_states(start, uploads, sizes)  # the default: the paper's similarity solver
     p = [s / sum(sizes) for s in sizes]
     for layer in ("fc1", "fc2"):
         target = mean_of_products([u[f"{layer}.lora_B"] for u in uploads], [u[f"{layer}.lora_A"] for u in uploads], p)
         err_fair = frob(target - fair[f"{layer}.lora_B"] @ fair[f"{layer}.lora_A"])
         err_fedit = frob(target - fedit[f"{layer}.lora_B"] @ fedit[f"{layer}.lora_A"])
         assert err_fair < err_fedit, (layer, err_fair, err_fedit)
+        cos = lambda X: float((X * target).sum() / X.norm() / target.norm())  # noqa: E731
+        cos_paper = cos(paper[f"{layer}.lora_B"] @ paper[f"{layer}.lora_A"])
+        assert cos_paper > cos(fedit[f"{layer}.lora_B"] @ fedit[f"{layer}.lora_A"]) + 1e-4, layer
 
 
 def test_logged_product_error_is_zero_for_exact_strategies_and_smaller_for_lora_fair():
@@ -160,7 +164,7 @@ def test_logged_product_error_is_zero_for_exact_strategies_and_smaller_for_lora_
     states = client_states(As, Bs)
     errors = {}
     for cls in (FedItStrategy, LoraFairStrategy, StackingStrategy):
-        strategy = cls(scaling=2.0)
+        strategy = cls(scaling=2.0, solver="ridge") if cls is LoraFairStrategy else cls(scaling=2.0)
         strategy.aggregate_states(start, states, w)
         errors[cls.name] = strategy.last_product_error
         if cls is LoraFairStrategy:
@@ -172,6 +176,73 @@ def test_logged_product_error_is_zero_for_exact_strategies_and_smaller_for_lora_
     A_bar = sum(wk * A for A, wk in zip(As, w)).double()
     B_bar = sum(wk * B for B, wk in zip(Bs, w)).double()
     assert errors["fedit"] == pytest.approx(frob(B_bar @ A_bar - target) / frob(target), rel=1e-5)
-    assert fedit_same == pytest.approx(errors["fedit"], rel=1e-9)
+    assert fedit_same == pytest.approx(errors["fedit"], rel=1e-6)  # its averages are summed in float64
     assert errors["lora-fair"] < 0.99 * errors["fedit"]
     assert errors["stacking"] < 1e-5 and ffa.last_product_error < 1e-5
+
+
+# ---- the paper's server solver (solver="sgd") ---------------------------------------------------------------
+def cosine(X, Y):
+    return float((X.double() * Y.double()).sum() / X.double().norm() / Y.double().norm())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("b_scale", [1.0, 1e-3])
+def test_sgd_solver_lowers_the_papers_objective_computed_from_the_dense_update(optimizer, b_scale):
+    As, Bs, w = random_clients(5, seed=4)
+    Bs = [b_scale * B for B in Bs]
+    A_bar, B_bar, dB, info = similarity_correction(As, Bs, w, lam=0.01, steps=200, optimizer=optimizer)
+    ideal = mean_of_products(Bs, As, w)
+    # the objective, from the dense out x in matrices (the solver itself uses r x r products only)
+    dense = lambda d: 1 - cosine(ideal, (B_bar + d) @ A_bar) + 0.01 * frob(d)  # noqa: E731
+    assert info["objective"] == pytest.approx(dense(dB), rel=1e-4, abs=1e-6)
+    assert info["objective_at_zero"] == pytest.approx(dense(torch.zeros_like(dB)), rel=1e-5)
+    assert dense(dB) < dense(torch.zeros_like(dB)) - 0.01  # a real decrease, not the start point
+    assert info["cosine"] == pytest.approx(cosine(ideal, (B_bar + dB) @ A_bar), abs=1e-5)
+    g = torch.Generator().manual_seed(1)  # a local minimum: random nudges do not improve it
+    for _ in range(5):
+        nudge = 1e-3 * frob(dB) * torch.randn(dB.shape, generator=g) / dB.numel() ** 0.5
+        assert dense(dB) <= dense(dB + nudge) + 1e-6
+
+
+def test_sgd_solver_identical_clients_zero_correction():
+    As, Bs, _ = random_clients(1, seed=5)
+    _, _, dB, info = similarity_correction(As * 3, Bs * 3, [0.2, 0.3, 0.5])
+    assert torch.count_nonzero(dB) == 0 and info["cosine"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_sgd_and_ridge_products_point_the_same_way_as_both_lambdas_vanish():
+    """max cos is reached at X = C G^-1 (up to scale), which is the ridge's B_bar + dB as ridge_lam -> 0."""
+    As, Bs, w = random_clients(4, seed=6)
+    A_bar, B_bar, dB_sgd, info = similarity_correction(As, Bs, w, lam=1e-6, steps=1000)
+    _, _, dB_ridge = residual_correction(As, Bs, w, ridge_lam=1e-9)
+    ideal = mean_of_products(Bs, As, w)
+    P_sgd, P_ridge = (B_bar + dB_sgd) @ A_bar, (B_bar + dB_ridge) @ A_bar
+    assert cosine(P_sgd, P_ridge) > 0.9999
+    assert cosine(ideal, P_sgd) == pytest.approx(cosine(ideal, P_ridge), abs=1e-5)
+    assert cosine(ideal, P_sgd) > cosine(ideal, B_bar @ A_bar) + 0.01
+    # with the paper's lambda = 0.01 the two differ: lam ||dB|| (plain norm) is not ridge_lam ||dB||^2
+    _, _, dB_paper, _ = similarity_correction(As, Bs, w, lam=0.01)
+    assert frob(dB_paper - dB_ridge) > 1e-3 * frob(dB_ridge)
+
+
+def test_lora_fair_solver_options_and_the_old_lam_name():
+    As, Bs, w = random_clients(3, seed=7)
+    start, states = global_state(As[0], Bs[0]), client_states(As, Bs)
+    with pytest.warns(FutureWarning, match="ridge_lam"):
+        old = LoraFairStrategy(solver="ridge", lam=0.5)
+    assert old.ridge_lam == 0.5
+    new = LoraFairStrategy(solver="ridge", ridge_lam=0.5).aggregate_states(start, states, w)
+    assert torch.equal(old.aggregate_states(start, states, w)["fc.lora_B"], new["fc.lora_B"])
+    with pytest.warns(FutureWarning, match="ridge_lam"):
+        _, _, legacy = residual_correction(As, Bs, w, ridge_lam=0.5)
+    assert torch.allclose(legacy, residual_correction(As, Bs, w, ridge_lam=0.5)[2])
+    for bad, match in (({"solver": "newton"}, "solver"), ({"lam": float("nan")}, "lam"), ({"server_steps": -1}, "server_steps"),
+                       ({"server_optimizer": "lbfgs"}, "server_optimizer"), ({"ridge_lam": -1.0}, "ridge_lam")):
+        with pytest.raises(ConfigError, match=match):
+            LoraFairStrategy(**bad)
+    strategy = LoraFairStrategy()
+    assert strategy.solver == "sgd" and strategy.lam == 0.01  # the paper's solver and lambda are the default
+    strategy.aggregate_states(start, states, w)
+    log = strategy.extra_log()
+    assert log["server_cosine"] > log["server_cosine_at_zero"]
