@@ -235,7 +235,7 @@ def test_lora_fair_solver_options_and_the_old_lam_name():
     new = LoraFairStrategy(solver="ridge", ridge_lam=0.5).aggregate_states(start, states, w)
     assert torch.equal(old.aggregate_states(start, states, w)["fc.lora_B"], new["fc.lora_B"])
     with pytest.warns(FutureWarning, match="ridge_lam"):
-        _, _, legacy = residual_correction(As, Bs, w, ridge_lam=0.5)
+        _, _, legacy = residual_correction(As, Bs, w, lam=0.5)
     assert torch.allclose(legacy, residual_correction(As, Bs, w, ridge_lam=0.5)[2])
     for bad, match in (({"solver": "newton"}, "solver"), ({"lam": float("nan")}, "lam"), ({"server_steps": -1}, "server_steps"),
                        ({"server_optimizer": "lbfgs"}, "server_optimizer"), ({"ridge_lam": -1.0}, "ridge_lam")):
