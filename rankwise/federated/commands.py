@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         rounds: int = typer.Option(20, min=1),
         alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration (smaller = more non-IID)."),
         iid: bool = typer.Option(False, "--iid", help="IID split instead of Dirichlet(alpha)."),
-        rank: int = typer.Option(8, min=1, help="LoRA rank on the head's two hidden layers."),
+        rank: int = typer.Option(8, min=1, help="LoRA rank (of every client, unless --client-ranks)."),
+        client_ranks: Optional[str] = typer.Option(None, help="Heterogeneous ranks, a comma list cycled over the clients (e.g. 4,8,16); the global rank is the largest."),
         lora_alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha/rank)."),
         solver: str = typer.Option("sgd", help="LoRA-FAIR server solver: sgd (the paper's 1 - cos + lam ||dB|| objective) | ridge (closed form)."),
         lam: float = typer.Option(0.01, help="LoRA-FAIR: the paper's lambda, weight of ||dB||_F in the sgd solver's objective."),
@@ -65,6 +66,15 @@ def register(app: typer.Typer) -> None:
             if fail_client is not None and not 0 <= fail_client < clients:
                 raise ConfigError(f"--fail-client={fail_client} names no client: with --clients {clients} the clients are "
                                   f"0..{clients - 1}; the fault would never be injected")
+            ranks = None
+            if client_ranks is not None:
+                try:
+                    ranks = [int(r) for r in client_ranks.split(",") if r.strip()]
+                except ValueError:
+                    raise ConfigError(f"--client-ranks={client_ranks!r} is invalid: expected a comma list of positive integers, e.g. 4,8,16") from None
+                if not ranks or min(ranks) < 1:
+                    raise ConfigError(f"--client-ranks={client_ranks!r} is invalid: expected a comma list of positive integers, e.g. 4,8,16")
+                rank = max(ranks)
             if features is None:
                 from rankwise.data.text import load_text_classification
 
@@ -83,7 +93,7 @@ def register(app: typer.Typer) -> None:
             fault = FaultSpec(fail_client, fail_round, fail_mode, hang_seconds=round_timeout + 5) if fail_client is not None else None
             runs = [FederatedRun(features=str(features), strategy=name, clients=clients, rounds=rounds, alpha=None if iid else alpha,
                                  head=head, lam=lam, solver=solver,
-                                 ridge_lam=ridge_lam, server_steps=server_steps, server_lr=server_lr, round_timeout=round_timeout, workers=workers, seed=seed, fault=fault, device=device) for name in names]
+                                 ridge_lam=ridge_lam, server_steps=server_steps, server_lr=server_lr, client_ranks=ranks, round_timeout=round_timeout, workers=workers, seed=seed, fault=fault, device=device) for name in names]
             for run in runs:
                 columns = [TextColumn(f"[bold]{run.strategy}"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn()]
                 with Progress(*columns, console=console) as bar:
@@ -95,7 +105,7 @@ def register(app: typer.Typer) -> None:
             print_error(err, console)
             raise typer.Exit(2) from None
         split = "IID" if iid else f"Dirichlet alpha={alpha}"
-        report.plot_comparison(results, output / report.PLOT_NAME, f"{clients} clients, {split}, rank {rank}")
+        report.plot_comparison(results, output / report.PLOT_NAME, f"{clients} clients, {split}, rank {client_ranks or rank}")
         table = Table(title=f"federated LoRA: {clients} clients, {rounds} rounds, {split}")
         for col in ("strategy", "final acc", "best acc", "dropped client-rounds", "seconds"):
             table.add_column(col)

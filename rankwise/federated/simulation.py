@@ -72,12 +72,21 @@ class FederatedRun:
     seed: int = 0
     fault: FaultSpec | None = None
     device: str = "cpu"  # where each client trains: cpu | cuda ("auto" is resolved here, in the driver)
+    client_ranks: list[int] | None = None  # heterogeneous ranks, cycled over clients; max must be the model's rank
 
     def __post_init__(self) -> None:
         from rankwise.data.models import resolve_device
 
         self.device = resolve_device(self.device).type  # ConfigError when CUDA is asked for and absent
         strategy_class(self.strategy)  # raises ConfigError naming the choices
+        if self.client_ranks is not None:
+            ranks = list(self.client_ranks)
+            if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
+                raise ConfigError(f"FederatedRun.client_ranks={self.client_ranks!r} is invalid: expected positive integers, e.g. [4, 8, 16]")
+            if max(ranks) != self.head.rank:
+                raise ConfigError(f"FederatedRun.client_ranks={ranks}: the largest client rank {max(ranks)} must be the global "
+                                  f"LoRA rank (head.rank={self.head.rank}); set the rank to {max(ranks)}")
+            self.client_ranks = ranks
         if self.strategy == "lora-fair":
             self.make_strategy()  # a bad solver or lambda fails here, in the driver, not in the ServerApp
         for name in ("clients", "rounds", "workers"):
@@ -95,9 +104,18 @@ class FederatedRun:
             d.pop(key)
         return d
 
+    def client_rank(self, client: int) -> int:
+        """This client's LoRA rank: `client_ranks` cycled over the clients, else the global rank."""
+        return self.head.rank if self.client_ranks is None else self.client_ranks[client % len(self.client_ranks)]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len({self.client_rank(k) for k in range(self.clients)}) > 1
+
     def make_strategy(self):
         cls = strategy_class(self.strategy)
-        kwargs: dict[str, Any] = {"scaling": self.head.scaling, "min_train_nodes": 1, "min_available_nodes": self.clients}
+        kwargs: dict[str, Any] = {"scaling": self.head.scaling, "min_train_nodes": 1, "min_available_nodes": self.clients,
+                                  "truncation_basis": self.heterogeneous}
         if self.strategy == "lora-fair":
             kwargs.update(lam=self.lam, solver=self.solver, ridge_lam=self.ridge_lam, server_steps=self.server_steps,
                           server_lr=self.server_lr)
@@ -137,7 +155,7 @@ def client_round(run: FederatedRun, client: int, server_round: int, global_state
         time.sleep(run.fault.hang_seconds)
     torch.set_num_threads(1)
     x, y = client_data(run, client)
-    model = build_model(run.head, frozen_A=not train_A)
+    model = build_model(run.head, frozen_A=not train_A, rank=run.client_rank(client))
     load_model_state(model, global_state)
     model.to(run.device)  # after the CPU-side state copy; batches follow x and y
     loss = train_local(model, x.to(run.device), y.to(run.device), run.head,

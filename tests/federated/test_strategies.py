@@ -246,3 +246,114 @@ def test_lora_fair_solver_options_and_the_old_lam_name():
     strategy.aggregate_states(start, states, w)
     log = strategy.extra_log()
     assert log["server_cosine"] > log["server_cosine_at_zero"]
+
+
+# ---- heterogeneous client ranks ---------------------------------------------------------------------------
+def test_svd_ordered_factors_keep_the_product_and_put_the_best_truncation_first():
+    from rankwise.linalg import svd_ordered_factors
+
+    g = torch.Generator().manual_seed(8)
+    A, B = torch.randn(6, IN, generator=g), torch.randn(OUT, 6, generator=g)
+    B2, A2 = svd_ordered_factors(B, A)
+    assert torch.allclose(B2 @ A2, B @ A, atol=1e-4)
+    singular = torch.linalg.svdvals((B @ A).double())
+    for k in (1, 3, 5):
+        best = float(torch.sqrt((singular[k:] ** 2).sum()))  # Eckart-Young: the optimal rank-k error
+        assert frob((B @ A).double() - B2[:, :k].double() @ A2[:k].double()) == pytest.approx(best, rel=1e-4)
+        assert frob((B @ A) - B[:, :k] @ A[:k]) > 1.05 * best  # plain slicing of the pair is worse
+    Bz, Az = svd_ordered_factors(torch.zeros(OUT, 6), A)  # B = 0: every row of A' stays alive
+    assert torch.count_nonzero(Bz) == 0 and float(torch.linalg.matrix_norm(Az @ Az.T - Az.norm() ** 2 / 6 * torch.eye(6))) < 1e-3
+
+
+@pytest.mark.parametrize("cls", [FedItStrategy, LoraFairStrategy, FfaLoraStrategy, StackingStrategy])
+def test_mixed_ranks_are_padded_so_the_ideal_update_is_exact(cls):
+    ranks = [2, 4, 3, 4]
+    As, Bs, w = random_clients(4, seed=9, ranks=ranks)
+    g = torch.Generator().manual_seed(10)
+    A_global = torch.randn(R, IN, generator=g)
+    if cls is FfaLoraStrategy:  # A frozen and shared: each client holds the first r_k rows of the global A
+        As = [A_global[:r] for r in ranks]
+    start = global_state(A_global, torch.randn(OUT, R, generator=g), delta=cls is StackingStrategy)
+    states = client_states(As, Bs)
+    if cls is FfaLoraStrategy:
+        states = [{k: v for k, v in s.items() if k != "fc.lora_A"} for s in states]
+    strategy = cls(scaling=2.0, truncation_basis=True)
+    captured = {}
+    original = strategy.aggregate_layer
+
+    def spy(layer, As_pad, Bs_pad, weights, *rest):
+        captured["As"], captured["Bs"] = As_pad, Bs_pad
+        return original(layer, As_pad, Bs_pad, weights, *rest)
+
+    strategy.aggregate_layer = spy
+    new = strategy.aggregate_states(start, states, w)
+    exact = mean_of_products(Bs, As, w)  # from the clients' own, unpadded factors
+    As_pad = captured["As"] or [A_global] * 4
+    assert all(B.shape == (OUT, R) for B in captured["Bs"]) and all(A.shape == (R, IN) for A in As_pad)
+    assert torch.allclose(mean_of_products(captured["Bs"], As_pad, w), exact, atol=1e-5)
+    if cls is not FfaLoraStrategy:  # the rows a small client lacked are the global ones, not zeros
+        assert torch.equal(captured["As"][0][2:], A_global[2:])
+    assert new["fc.lora_A"].shape == (R, IN) and new["fc.lora_B"].shape == (OUT, R)
+    if cls is StackingStrategy:
+        assert torch.allclose(new["fc.base_delta"] - start["fc.base_delta"], 2.0 * exact, atol=1e-4)
+        assert strategy.last_product_error < 1e-5
+    if cls is FedItStrategy:  # re-factored in SVD order, product unchanged
+        B_bar = sum(wk * B for B, wk in zip(captured["Bs"], w))
+        A_bar = sum(wk * A for A, wk in zip(captured["As"], w))
+        assert torch.allclose(new["fc.lora_B"] @ new["fc.lora_A"], B_bar @ A_bar, atol=1e-4)
+        norms = new["fc.lora_B"].norm(dim=0)
+        assert torch.all(norms[:-1] >= norms[1:] - 1e-5)
+
+
+def test_a_small_rank_client_receives_the_leading_components():
+    spec = HeadSpec(in_features=12, hidden=12, num_classes=3, rank=8)
+    big = build_model(spec)
+    state = model_state(big)
+    g = torch.Generator().manual_seed(11)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
+    small = build_model(spec, rank=4)
+    load_model_state(small, state)
+    layer = dict(small.adapted_layers())["fc1"].adapters["default"]
+    assert torch.equal(layer.lora_A.detach(), state["fc1.lora_A"][:4]) and torch.equal(layer.lora_B.detach(), state["fc1.lora_B"][:, :4])
+    assert layer.scaling == pytest.approx(spec.scaling)  # the global scale alpha / R, not alpha / r_k
+    with pytest.raises(ConfigError, match="client rank"):
+        build_model(spec, rank=9)
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "lora-fair", "ffa-lora", "stacking"])
+def test_mixed_rank_rounds_run_through_the_client_and_server_round_logic(strategy, tmp_path):
+    """The simulation's own round functions (what the Flower apps wrap), without the Ray runtime."""
+    from rankwise.federated.simulation import FederatedRun, client_round, global_accuracy, initial_state
+    from rankwise.federated.task import save_features
+
+    g = torch.Generator().manual_seed(12)
+    centres = torch.randn(3, 12, generator=g) * 2
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = centres[y] + torch.randn(300, 12, generator=g)
+    path = save_features(tmp_path / "f.safetensors", {"train_x": x[:240], "train_y": y[:240], "test_x": x[240:], "test_y": y[240:]})
+    head = HeadSpec(in_features=12, hidden=12, num_classes=3, rank=4, lr=0.02)
+    run = FederatedRun(features=str(path), strategy=strategy, clients=3, rounds=3, head=head, client_ranks=[1, 2, 4], alpha=1.0)
+    assert [run.client_rank(k) for k in range(3)] == [1, 2, 4] and run.heterogeneous
+    strategy_obj = run.make_strategy()
+    state = initial_state(run)
+    test = (x[240:], y[240:])
+    accuracy = [global_accuracy(run, state, test)["accuracy"]]
+    for server_round in (1, 2, 3):
+        replies = [client_round(run, k, server_round, state, strategy_obj.trains_A) for k in range(3)]
+        assert [u[1]["num-examples"] > 0 for u in replies] == [True] * 3
+        assert replies[0][0]["fc1.lora_B"].shape[1] == 1  # the rank-1 client uploads rank 1
+        state = strategy_obj.aggregate_states(state, [u for u, _ in replies], [m["num-examples"] for _, m in replies], server_round)
+        if strategy in ("ffa-lora", "stacking"):
+            assert strategy_obj.last_product_error < 1e-4
+        accuracy.append(global_accuracy(run, state, test)["accuracy"])
+    assert state["fc1.lora_A"].shape == (4, 12)
+    assert accuracy[-1] > accuracy[0] + 0.2, accuracy
+
+
+def test_client_ranks_are_validated():
+    from rankwise.federated.simulation import FederatedRun
+
+    with pytest.raises(ConfigError, match="largest client rank"):
+        FederatedRun(features="f", head=HeadSpec(rank=8), client_ranks=[4, 16])
+    with pytest.raises(ConfigError, match="client_ranks"):
+        FederatedRun(features="f", head=HeadSpec(rank=8), client_ranks=[0, 8])
