@@ -34,7 +34,7 @@ def features(tmp_path_factory):
 def test_crash_is_dropped_hang_times_out_and_resume_reproduces_the_uninterrupted_run(features, tmp_path):
     # 1. the CLI, uninterrupted, 3 rounds; client 1 crashes in round 2
     out = tmp_path / "cli"
-    args = ["federate", "--features", str(features), "--strategy", "lora-fair", "--clients", "2", "--rounds", "3",
+    args = ["federate", "--mode", "head", "--features", str(features), "--strategy", "lora-fair", "--clients", "2", "--rounds", "3",
             "--hidden", "12", "--rank", "4", "--lr", "0.01", "--output", str(out), "--fail-client", "1", "--fail-round", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
