@@ -202,7 +202,7 @@ def client_round(run: FederatedRun, client: int, server_round: int, global_state
     torch.set_num_threads(1)
     x, y = client_data(run, client)
     model = build_client_model(run, frozen_A=not train_A, rank=run.client_rank(client))
-    load_model_state(model, global_state)
+    load_model_state(model, global_state, truncate=run.client_rank(client) < run.spec.rank)
     model.to(run.device)  # after the CPU-side state copy; batches follow x and y
     seed = run.seed * 1_000_003 + server_round * 1009 + client
     if run.encoder is not None:

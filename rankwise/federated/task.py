@@ -120,18 +120,19 @@ def model_state(model, with_A: bool = True, with_delta: bool = False) -> dict[st
 
 
 @torch.no_grad()
-def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
+def load_model_state(model, state: dict[str, torch.Tensor], truncate: bool = False) -> None:
     """Copy a global state into a freshly built model (a base_delta is added to the frozen weight).
 
-    A model of smaller LoRA rank r than the state's (a heterogeneous-rank client) takes the first r rows of each
-    A and the first r columns of each B: the leading components of the global pair.
+    `truncate=True` (a heterogeneous-rank client): a model of smaller LoRA rank r than the state's takes the first r
+    rows of each A and the first r columns of each B, the leading components of the global pair. Otherwise every
+    shape must match exactly.
     """
     expected = model_state(model, with_delta=any(k.endswith(DELTA_SUFFIX) for k in state))
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"federated state lacks {missing[:5]}; was it written by a different model/strategy?")
     state = dict(state)
-    for key, ref in expected.items():
+    for key, ref in (expected.items() if truncate else ()):
         if key.endswith(A_SUFFIX) and state[key].shape[1:] == ref.shape[1:] and state[key].shape[0] > ref.shape[0]:
             state[key] = state[key][: ref.shape[0]]
         elif key.endswith(B_SUFFIX) and state[key].shape[0] == ref.shape[0] and state[key].shape[1] > ref.shape[1]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankwise.core.errors import ConfigError
+from rankwise.core.errors import CheckpointError, ConfigError
 from rankwise.federated.baselines import FedItStrategy, FfaLoraStrategy, StackingStrategy, strategy_class
 from rankwise.federated.lora_fair import LoraFairStrategy, SimilarityObjective, residual_correction, similarity_correction
 from rankwise.federated.partition import dirichlet_partition
@@ -312,7 +312,9 @@ def test_a_small_rank_client_receives_the_leading_components():
     g = torch.Generator().manual_seed(11)
     state = {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
     small = build_model(spec, rank=4)
-    load_model_state(small, state)
+    with pytest.raises(CheckpointError, match="shape"):  # only on request: a wrong-rank state is otherwise refused
+        load_model_state(small, state)
+    load_model_state(small, state, truncate=True)
     layer = dict(small.adapted_layers())["fc1"].adapters["default"]
     assert torch.equal(layer.lora_A.detach(), state["fc1.lora_A"][:4]) and torch.equal(layer.lora_B.detach(), state["fc1.lora_B"][:, :4])
     assert layer.scaling == pytest.approx(spec.scaling)  # the global scale alpha / R, not alpha / r_k
