@@ -6,7 +6,7 @@ import torch
 
 from rankwise.core.errors import CheckpointError, ConfigError
 from rankwise.federated.baselines import FedItStrategy, FfaLoraStrategy, StackingStrategy, strategy_class
-from rankwise.federated.lora_fair import LoraFairStrategy, SimilarityObjective, residual_correction, similarity_correction
+from rankwise.federated.lora_fair import LoraFairStrategy, residual_correction, similarity_correction
 from rankwise.federated.partition import dirichlet_partition
 from rankwise.federated.task import HeadSpec, build_model, load_model_state, model_state, train_local
 from rankwise.linalg import mean_of_products, ridge_right_solve, stack_low_rank
