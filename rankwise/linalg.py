@@ -556,6 +556,25 @@ def stack_low_rank(Bs, As, weights) -> tuple[torch.Tensor, torch.Tensor]:
     return B_st, A_st
 
 
+def svd_ordered_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-factor `B A` (B: out x r, A: r x in) as `B' A'` with the SAME product, ordered so that the first k
+    components `B'[:, :k] A'[:k]` are the best rank-k approximation of `B A` (Eckart-Young) for every k.
+
+        A = L Q (Q: r x in, orthonormal rows)      B L = U S W^T (SVD, r x r core)
+        A' = c W^T Q        B' = U S / c           c = ||A||_F / sqrt(r): A' keeps A's scale
+
+    A' has orthonormal (scaled) rows whatever B is, so no component is dead for training (a zero singular value
+    gives a zero column of B', like LoRA's B = 0 init, with a live row of A'). Costs one QR of A^T and one
+    out x r SVD: `B A` (out x in) is never formed. Computed in float64, returned in A's and B's dtypes.
+    """
+    A64, B64 = A.double(), B.double()
+    r = A64.shape[0]
+    Q_t, R_t = torch.linalg.qr(A64.T)                    # A^T = Q_t R_t  ->  A = R_t^T Q_t^T = L Q
+    U, S, Wh = torch.linalg.svd(B64 @ R_t.T, full_matrices=False)
+    c = float(torch.linalg.matrix_norm(A64)) / r ** 0.5 or 1.0
+    return (U * S / c).to(B.dtype), (c * (Wh @ Q_t.T)).to(A.dtype)
+
+
 def ridge_right_solve(target_At: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
     """`X = argmin_X ||T - X A||_F^2 + lam ||X||_F^2` given only `T A^T` (`A: r x in`, result `out x r`).
 

@@ -20,7 +20,7 @@ INFRASTRUCTURE = {
     "rankwise.pretrain.recipe", "rankwise.pretrain.replace", "rankwise.pretrain.welore_run",
     "rankwise.compress.evaluate", "rankwise.compress.serialize", "rankwise.compress.pruned_attention",
     "rankwise.federated.base", "rankwise.federated.partition", "rankwise.federated.report",
-    "rankwise.federated.simulation", "rankwise.federated.task",
+    "rankwise.federated.simulation", "rankwise.federated.task", "rankwise.federated.encoder_task",
     "rankwise.solvers.result", "rankwise.layers.s4d_demo",
 }
 TRAIN_INFRASTRUCTURE = {"checkpoint", "distributed", "finetune", "hf", "loop", "lora_tools", "procedures", "reporting"}

@@ -9,6 +9,18 @@ State dicts exchanged with clients use three kinds of keys:
 
 A strategy subclass implements only `aggregate_layer` (what to do with one layer's client factors);
 the p_k-weighted plumbing, the dropping of failed clients and the FedAvg of the rest live here once.
+
+Heterogeneous client ranks (r_k <= R = the global rank): a client receives the first r_k components of the
+global pair and uploads an r_k pair; here it is padded back to R before any strategy sees it:
+
+    A_k (r_k x in)  ->  [A_k; A_global[r_k:]]      the rows it was sent and did not hold, unchanged
+    B_k (out x r_k) ->  [B_k, 0]                   zero columns
+
+so B_k,pad A_k,pad = B_k A_k exactly (the ideal update sum p_k B_k A_k is exact), and the trailing rows of A_bar are
+not shrunk towards zero by the clients that lack them. With `truncation_basis=True`, strategies that keep a trained
+(A, B) pair (FedIT, LoRA-FAIR) re-factor each new global pair into SVD order (`linalg.svd_ordered_factors`, same
+product): the first r_k components a client slices are then the best rank-r_k approximation of the global update,
+which plain slicing of an arbitrary pair is not.
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from rankwise.core.errors import ConfigError, ShapeError
+from rankwise.linalg import svd_ordered_factors
 
 A_SUFFIX, B_SUFFIX, DELTA_SUFFIX = ".lora_A", ".lora_B", ".base_delta"
 
@@ -33,6 +46,20 @@ def lora_layers(state: dict[str, torch.Tensor]) -> list[str]:
 
 def is_factor_key(key: str) -> bool:
     return key.endswith((A_SUFFIX, B_SUFFIX, DELTA_SUFFIX))
+
+
+def pad_to_rank(A: torch.Tensor | None, B: torch.Tensor, A_global: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A client's (A_k, B_k) of rank r_k <= R padded to the global rank R (see the module docstring)."""
+    r, R = B.shape[1], A_global.shape[0]
+    if r > R or (A is not None and A.shape[0] != r):
+        raise ShapeError(f"client LoRA pair of rank {r} (A has {None if A is None else A.shape[0]} rows) does not fit "
+                         f"the global rank {R}: a client's rank must be <= the global rank")
+    if r == R:
+        return A, B
+    B = torch.cat([B.float(), B.new_zeros(B.shape[0], R - r).float()], dim=1)
+    if A is not None:
+        A = torch.cat([A.float(), A_global[r:].float()], dim=0)
+    return A, B
 
 
 def normalise_weights(weights: Iterable[float]) -> list[float]:
@@ -60,11 +87,13 @@ class LoraStrategy(FedAvg):
 
     name: ClassVar[str] = "base"
     trains_A: ClassVar[bool] = True   # False: A stays frozen on clients and is not uploaded (FFA-LoRA)
+    keeps_pair: ClassVar[bool] = True  # False: A is frozen (FFA) or restarts fresh (stacking): no SVD re-factoring
 
-    def __init__(self, scaling: float = 1.0, **fedavg_kwargs):
+    def __init__(self, scaling: float = 1.0, truncation_basis: bool = False, **fedavg_kwargs):
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)  # accuracy is measured centrally on the server
         super().__init__(**fedavg_kwargs)
         self.scaling = float(scaling)
+        self.truncation_basis = bool(truncation_basis)
         self.global_state: dict[str, torch.Tensor] = {}
         self.round_log: dict[int, dict] = {}
 
@@ -85,10 +114,16 @@ class LoraStrategy(FedAvg):
         new_state: dict[str, torch.Tensor] = {}
         errors = []
         for layer in lora_layers(global_state):
-            As = [s.get(layer + A_SUFFIX, global_state[layer + A_SUFFIX]) for s in client_states] if self.trains_A else None
-            Bs = [s[layer + B_SUFFIX] for s in client_states]
+            A_global = global_state[layer + A_SUFFIX]
+            pairs = [pad_to_rank(s.get(layer + A_SUFFIX, A_global) if self.trains_A else None, s[layer + B_SUFFIX], A_global)
+                     for s in client_states]
+            As = [A for A, _ in pairs] if self.trains_A else None
+            Bs = [B for _, B in pairs]
             new_state.update(self.aggregate_layer(layer, As, Bs, p, global_state, server_round))
             errors.append(self.product_error(layer, As, Bs, p, global_state, new_state))
+            if self.truncation_basis and self.keeps_pair:
+                B_new, A_new = svd_ordered_factors(new_state[layer + B_SUFFIX], new_state[layer + A_SUFFIX])
+                new_state[layer + B_SUFFIX], new_state[layer + A_SUFFIX] = B_new, A_new
         self.last_product_error = sum(errors) / len(errors) if errors else 0.0
         for key in global_state:
             if not is_factor_key(key):

@@ -36,6 +36,7 @@ class FfaLoraStrategy(LoraStrategy):
 
     name = "ffa-lora"
     trains_A = False
+    keeps_pair = False
 
     def aggregate_layer(self, layer, As, Bs, weights, global_state, server_round):
         return {
@@ -48,6 +49,7 @@ class StackingStrategy(LoraStrategy):
     """FLoRA stacking (arXiv 2409.05976): exact aggregation by concatenating ranks, merged, then a fresh LoRA."""
 
     name = "stacking"
+    keeps_pair = False
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from rankwise.core.errors import CheckpointError, ConfigError, short_repr
 from rankwise.core.io import atomic_write, atomic_write_text, remove_stale_temps
 from rankwise.federated.baselines import strategy_class
+from rankwise.federated.encoder_task import (EncoderSpec, build_encoder_model, evaluate_encoder, load_tokens, split, token_batches,
+                                             train_local_encoder)
 from rankwise.federated.partition import partition
 from rankwise.federated.task import HeadSpec, build_model, evaluate_features, load_features, load_model_state, model_state, train_local
 
@@ -54,26 +56,56 @@ class FaultSpec:
 
 @dataclass
 class FederatedRun:
-    """One federated experiment. `alpha=None` is an IID split, otherwise Dirichlet(alpha) label skew."""
+    """One federated experiment. `alpha=None` is an IID split, otherwise Dirichlet(alpha) label skew.
 
-    features: str
+    Two tasks: `encoder=EncoderSpec(...)` (mode "encoder": LoRA inside the pretrained encoder; `features` is then a
+    token file from `encoder_task.cached_tokens`), or, when `encoder` is None, `head` (mode "head": a LoRA MLP head on
+    a cached feature file from `task.cached_features`).
+    """
+
+    features: str  # the data file every client reads: features (mode head) or token ids (mode encoder)
     strategy: str = "lora-fair"
     clients: int = 8
     rounds: int = 20
     alpha: float | None = 0.5
     head: HeadSpec = field(default_factory=HeadSpec)
-    lam: float = 0.01
+    lam: float = 0.01            # LoRA-FAIR: the paper's lambda (weight of ||dB||_F in the similarity objective)
+    solver: str = "sgd"          # LoRA-FAIR server solver: "sgd" (the paper's objective) | "ridge" (closed form)
+    ridge_lam: float = 0.01      # LoRA-FAIR solver="ridge": weight of ||dB||_F^2
+    server_steps: int = 200      # LoRA-FAIR solver="sgd": optimiser steps per layer and round
+    server_lr: float = 0.05      # ...relative learning rate (see lora_fair.similarity_correction)
     round_timeout: float = 300.0
     workers: int = 2
     seed: int = 0
     fault: FaultSpec | None = None
     device: str = "cpu"  # where each client trains: cpu | cuda ("auto" is resolved here, in the driver)
+    client_ranks: list[int] | None = None  # heterogeneous ranks, cycled over clients; max must be the model's rank
+    encoder: EncoderSpec | None = None     # set: LoRA inside the pretrained encoder (mode "encoder")
+
+    @property
+    def mode(self) -> str:
+        return "head" if self.encoder is None else "encoder"
+
+    @property
+    def spec(self):
+        """The model spec of this mode (rank, lora_alpha, scaling, local training): `encoder` or `head`."""
+        return self.head if self.encoder is None else self.encoder
 
     def __post_init__(self) -> None:
         from rankwise.data.models import resolve_device
 
         self.device = resolve_device(self.device).type  # ConfigError when CUDA is asked for and absent
         strategy_class(self.strategy)  # raises ConfigError naming the choices
+        if self.client_ranks is not None:
+            ranks = list(self.client_ranks)
+            if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
+                raise ConfigError(f"FederatedRun.client_ranks={self.client_ranks!r} is invalid: expected positive integers, e.g. [4, 8, 16]")
+            if max(ranks) != self.spec.rank:
+                raise ConfigError(f"FederatedRun.client_ranks={ranks}: the largest client rank {max(ranks)} must be the global "
+                                  f"LoRA rank ({self.mode}.rank={self.spec.rank}); set the rank to {max(ranks)}")
+            self.client_ranks = ranks
+        if self.strategy == "lora-fair":
+            self.make_strategy()  # a bad solver or lambda fails here, in the driver, not in the ServerApp
         for name in ("clients", "rounds", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"FederatedRun.{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
@@ -87,13 +119,25 @@ class FederatedRun:
         d = asdict(self)
         for key in ("rounds", "fault", "round_timeout", "workers", "device"):
             d.pop(key)
+        if self.encoder is not None:
+            d.pop("head")  # unused in mode encoder
         return d
+
+    def client_rank(self, client: int) -> int:
+        """This client's LoRA rank: `client_ranks` cycled over the clients, else the global rank."""
+        return self.spec.rank if self.client_ranks is None else self.client_ranks[client % len(self.client_ranks)]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len({self.client_rank(k) for k in range(self.clients)}) > 1
 
     def make_strategy(self):
         cls = strategy_class(self.strategy)
-        kwargs: dict[str, Any] = {"scaling": self.head.scaling, "min_train_nodes": 1, "min_available_nodes": self.clients}
+        kwargs: dict[str, Any] = {"scaling": self.spec.scaling, "min_train_nodes": 1, "min_available_nodes": self.clients,
+                                  "truncation_basis": self.heterogeneous}
         if self.strategy == "lora-fair":
-            kwargs["lam"] = self.lam
+            kwargs.update(lam=self.lam, solver=self.solver, ridge_lam=self.ridge_lam, server_steps=self.server_steps,
+                          server_lr=self.server_lr)
         if self.strategy == "stacking":
             kwargs["seed"] = self.seed
         return cls(**kwargs)
@@ -103,12 +147,36 @@ class FederatedRun:
 _FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # per Ray actor: the feature file is read once
 
 
-def client_data(run: FederatedRun, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+def run_data(run: FederatedRun) -> dict[str, torch.Tensor]:
+    """The run's data file (features or token ids), read once per process."""
     if run.features not in _FEATURES:
-        _FEATURES[run.features] = load_features(run.features)
-    data = _FEATURES[run.features]
+        _FEATURES[run.features] = load_features(run.features) if run.encoder is None else load_tokens(run.features)
+    return _FEATURES[run.features]
+
+
+def client_data(run: FederatedRun, client: int):
+    """(inputs, labels) of one client: inputs are features (mode head) or {ids, len, y} token rows (mode encoder)."""
+    data = run_data(run)
     idx = partition(data["train_y"].tolist(), run.clients, run.alpha, run.seed)[client]
+    if run.encoder is not None:
+        return split(data, "train", idx), data["train_y"][idx]
     return data["train_x"][idx], data["train_y"][idx]
+
+
+def holdout_data(run: FederatedRun, data: dict | None = None):
+    data = run_data(run) if data is None else data
+    return split(data, "test") if run.encoder is not None else (data["test_x"], data["test_y"])
+
+
+def build_client_model(run: FederatedRun, frozen_A: bool = False, rank: int | None = None):
+    """The model of the run's mode (the same, seeded, in every process)."""
+    if run.encoder is not None:
+        return build_encoder_model(run.encoder, frozen_A=frozen_A, rank=rank)
+    return build_model(run.head, frozen_A=frozen_A, rank=rank)
+
+
+def evaluate_model(run: FederatedRun, model, test) -> dict[str, float]:
+    return evaluate_encoder(model, test) if run.encoder is not None else evaluate_features(model, *test)
 
 
 def client_warm_up(run: FederatedRun, client: int) -> None:
@@ -118,8 +186,11 @@ def client_warm_up(run: FederatedRun, client: int) -> None:
     """
     torch.set_num_threads(1)
     x, y = client_data(run, client)
-    model = build_model(run.head)
-    model(features=x[:8], labels=y[:8]).loss.backward()
+    model = build_client_model(run)
+    if run.encoder is not None:
+        model(**token_batches({k: v[:4] for k, v in x.items()}, 4)[0]).loss.backward()
+    else:
+        model(features=x[:8], labels=y[:8]).loss.backward()
 
 
 def client_round(run: FederatedRun, client: int, server_round: int, global_state: dict, train_A: bool) -> tuple[dict, dict]:
@@ -130,11 +201,14 @@ def client_round(run: FederatedRun, client: int, server_round: int, global_state
         time.sleep(run.fault.hang_seconds)
     torch.set_num_threads(1)
     x, y = client_data(run, client)
-    model = build_model(run.head, frozen_A=not train_A)
-    load_model_state(model, global_state)
+    model = build_client_model(run, frozen_A=not train_A, rank=run.client_rank(client))
+    load_model_state(model, global_state, truncate=run.client_rank(client) < run.spec.rank)
     model.to(run.device)  # after the CPU-side state copy; batches follow x and y
-    loss = train_local(model, x.to(run.device), y.to(run.device), run.head,
-                       seed=run.seed * 1_000_003 + server_round * 1009 + client)
+    seed = run.seed * 1_000_003 + server_round * 1009 + client
+    if run.encoder is not None:
+        loss = train_local_encoder(model, x, run.encoder, seed=seed)  # batches are moved to the model's device
+    else:
+        loss = train_local(model, x.to(run.device), y.to(run.device), run.head, seed=seed)
     upload = {key: tensor.cpu() for key, tensor in model_state(model, with_A=train_A).items()}
     return upload, {"num-examples": len(y), "train-loss": loss, "partition-id": client}
 
@@ -166,13 +240,15 @@ def make_client_app(run: FederatedRun):
 
 # ---- server side ------------------------------------------------------------------------------------
 def initial_state(run: FederatedRun) -> dict[str, torch.Tensor]:
-    return model_state(build_model(run.head), with_delta=run.strategy == "stacking")
+    return model_state(build_client_model(run), with_delta=run.strategy == "stacking")
 
 
-def global_accuracy(run: FederatedRun, state: dict, test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    model = build_model(run.head)
+def global_accuracy(run: FederatedRun, state: dict, test) -> dict[str, float]:
+    """Accuracy of the global model on `test` (`holdout_data(run)`: features and labels, or token rows)."""
+    model = build_client_model(run)
     load_model_state(model, state)
-    return evaluate_features(model, *test)
+    model.to(run.device)
+    return evaluate_model(run, model, test)
 
 
 def save_checkpoint(directory: Path, run: FederatedRun, server_round: int, state: dict, history: list) -> None:
@@ -264,8 +340,7 @@ def make_server_app(run: FederatedRun, output: Path, resume: bool, result: dict,
     @app.main()
     def main(grid, context) -> None:
         strategy = run.make_strategy()
-        data = load_features(run.features)
-        test = (data["test_x"], data["test_y"])
+        test = holdout_data(run)
         checkpoints = output / "checkpoints"
         if resume:
             start, state, history = load_checkpoint(checkpoints, run)

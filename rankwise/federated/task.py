@@ -71,19 +71,35 @@ class FeatureHead(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def build_model(spec: HeadSpec, frozen_A: bool = False):
-    """The same adapted head in every process (seeded); `frozen_A` freezes LoRA's A (FFA-LoRA)."""
+def client_lora_config(spec, rank: int | None, **kwargs):
+    """LoRA at `rank` (default: the global `spec.rank`) with the GLOBAL scale `spec.lora_alpha / spec.rank`.
+
+    A client of smaller rank applies the first components of the global update at the same scale, so its
+    slice is exactly the truncation of the global model (alpha / r_k would rescale the update per client).
+    """
+    rank = spec.rank if rank is None else int(rank)
+    if not 1 <= rank <= spec.rank:
+        raise ConfigError(f"client rank {rank} is invalid: expected 1 <= rank <= the global rank {spec.rank}")
+    return rankwise.LoraConfig(r=rank, lora_alpha=spec.lora_alpha * rank / spec.rank, **kwargs)
+
+
+def freeze_A(model) -> None:
+    for _, layer in model.adapted_layers():
+        layer.adapters[ADAPTER].lora_A.requires_grad_(False)
+
+
+def build_model(spec: HeadSpec, frozen_A: bool = False, rank: int | None = None):
+    """The same adapted head in every process (seeded); `frozen_A` freezes LoRA's A (FFA-LoRA); `rank` is a
+    client's own rank (<= spec.rank) for heterogeneous-rank runs."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     try:
         base = FeatureHead(spec.in_features, spec.hidden, spec.num_classes)
-        config = rankwise.LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=["fc1", "fc2"], modules_to_save=["classifier"])
-        model = rankwise.adapt(base, config)
+        model = rankwise.adapt(base, client_lora_config(spec, rank, target_modules=["fc1", "fc2"], modules_to_save=["classifier"]))
     finally:
         torch.random.set_rng_state(generator_state)
     if frozen_A:
-        for _, layer in model.adapted_layers():
-            layer.adapters[ADAPTER].lora_A.requires_grad_(False)
+        freeze_A(model)
     return model
 
 
@@ -104,12 +120,23 @@ def model_state(model, with_A: bool = True, with_delta: bool = False) -> dict[st
 
 
 @torch.no_grad()
-def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy a global state into a freshly built model (a base_delta is added to the frozen weight)."""
+def load_model_state(model, state: dict[str, torch.Tensor], truncate: bool = False) -> None:
+    """Copy a global state into a freshly built model (a base_delta is added to the frozen weight).
+
+    `truncate=True` (a heterogeneous-rank client): a model of smaller LoRA rank r than the state's takes the first r
+    rows of each A and the first r columns of each B, the leading components of the global pair. Otherwise every
+    shape must match exactly.
+    """
     expected = model_state(model, with_delta=any(k.endswith(DELTA_SUFFIX) for k in state))
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"federated state lacks {missing[:5]}; was it written by a different model/strategy?")
+    state = dict(state)
+    for key, ref in (expected.items() if truncate else ()):
+        if key.endswith(A_SUFFIX) and state[key].shape[1:] == ref.shape[1:] and state[key].shape[0] > ref.shape[0]:
+            state[key] = state[key][: ref.shape[0]]
+        elif key.endswith(B_SUFFIX) and state[key].shape[0] == ref.shape[0] and state[key].shape[1] > ref.shape[1]:
+            state[key] = state[key][:, : ref.shape[1]]
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(f"federated state key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")

@@ -34,7 +34,7 @@ def features(tmp_path_factory):
 def test_crash_is_dropped_hang_times_out_and_resume_reproduces_the_uninterrupted_run(features, tmp_path):
     # 1. the CLI, uninterrupted, 3 rounds; client 1 crashes in round 2
     out = tmp_path / "cli"
-    args = ["federate", "--features", str(features), "--strategy", "lora-fair", "--clients", "2", "--rounds", "3",
+    args = ["federate", "--mode", "head", "--features", str(features), "--strategy", "lora-fair", "--clients", "2", "--rounds", "3",
             "--hidden", "12", "--rank", "4", "--lr", "0.01", "--output", str(out), "--fail-client", "1", "--fail-round", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -71,3 +71,21 @@ def test_crash_is_dropped_hang_times_out_and_resume_reproduces_the_uninterrupted
     run.alpha = 5.0
     with pytest.raises(CheckpointError, match="alpha"):
         load_checkpoint(tmp_path / "resumed" / "checkpoints", run)
+
+
+def test_cli_runs_fedit_and_lora_fair_with_mixed_client_ranks(features, tmp_path):
+    out = tmp_path / "mixed"
+    args = ["federate", "--features", str(features), "--mode", "head", "--strategy", "fedit,lora-fair", "--clients", "3", "--rounds", "2",
+            "--hidden", "12", "--client-ranks", "2,4", "--lr", "0.02", "--output", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    for name in ("fedit", "lora-fair"):
+        run = results["strategies"][name]
+        assert run["settings"]["client_ranks"] == [2, 4] and run["dropped_client_rounds"] == 0
+        assert [h["answered"] for h in run["history"][1:]] == [3, 3]
+        assert run["final_accuracy"] > run["history"][0]["accuracy"]
+    state = load_file(str(next((out / "lora-fair" / "checkpoints").glob("round-*.safetensors"))))
+    assert state["fc1.lora_A"].shape[0] == 4  # the global rank is the largest client rank
+    bad = CliRunner().invoke(app, ["federate", "--features", str(features), "--mode", "head", "--client-ranks", "4,x", "--output", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--client-ranks" in bad.output
