@@ -211,6 +211,12 @@ class ProcessGroup:
     def __init__(self, log_dir: Path, env: dict[str, str]):
         self.log_dir, self.env = log_dir, env
         self.procs: dict[str, subprocess.Popen] = {}
+        self.seen: set[int] = set()  # every pid of the run ever observed (the no-orphans check reads it)
+
+    def record(self, path: Path) -> None:
+        """Add the live process tree to `seen` and write it to `path` (JSON), for tests and post-mortems."""
+        self.seen.update(self.pids())
+        atomic_write_text(path, json.dumps(sorted(self.seen)))
 
     def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
         log = (self.log_dir / f"{name}.log").open("ab")
@@ -218,6 +224,7 @@ class ProcessGroup:
                                 cwd=cwd, preexec_fn=_die_with_parent if os.name == "posix" else None)
         log.close()  # the child holds its own descriptor
         self.procs[name] = proc
+        self.seen.add(proc.pid)
         return proc
 
     def log_path(self, name: str) -> Path:
@@ -276,9 +283,15 @@ class ProcessGroup:
         for proc in self.procs.values():
             try:
                 root = psutil.Process(proc.pid)
-                found += [p.pid for p in [root] + root.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+                tree = [root] + root.children(recursive=True)
             except psutil.NoSuchProcess:
-                pass
+                continue
+            for p in tree:
+                try:
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p.pid)
+                except psutil.NoSuchProcess:
+                    pass
         return found
 
 
@@ -362,7 +375,7 @@ def run_federated_deployment(run: FederatedRun, output: str | Path, resume: bool
         raise ConfigError("rankwise federate --deployment needs Flower: pip install 'rankwise[federated]'")
     output = Path(output).resolve()
     work = output / WORK_DIR
-    for stale in ("rounds.jsonl", "result.json", "result.safetensors", "server-error.txt"):
+    for stale in ("pids.json", "rounds.jsonl", "result.json", "result.safetensors", "server-error.txt"):
         (work / stale).unlink(missing_ok=True)
     for stale in work.glob(f"{KILL_MARKER}-*"):
         stale.unlink()
@@ -404,22 +417,23 @@ def run_federated_deployment(run: FederatedRun, output: str | Path, resume: bool
                          "--node-config", f"partition-id={client} num-partitions={run.clients}"]
             node_argv += security if tls is None else ["--root-certificates", str(tls.ca)]
             group.start(f"supernode-{client}", node_argv, cwd=work)
+        group.record(work / "pids.json")
         submit = subprocess.run([_flower_executable("flwr"), "run", str(app_dir), "rankwise", "--format", "json"], env=env,
                                 cwd=work, capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
         (logs / "flwr-run.log").write_text(submit.stdout + submit.stderr, encoding="utf-8")
         if submit.returncode != 0:
             raise DeploymentError(f"flwr run failed (exit {submit.returncode}); see {logs / 'flwr-run.log'}:\n{tail(logs / 'flwr-run.log')}")
         history, killed = _follow(run, work, group, on_round, timeout)
-    except KeyboardInterrupt:
-        group.stop()
-        raise
     finally:
-        group.stop()
+        try:
+            group.record(work / "pids.json")
+        finally:
+            group.stop()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     state = load_file(str(work / "result.safetensors"))
     return {"history": history, "state": state, "seconds": time.perf_counter() - started, "killed": killed,
-            "logs": str(logs), "address": address, "tls": tls is not None}
+            "logs": str(logs), "address": address, "tls": tls is not None, "pids": sorted(group.seen)}
 
 
 def threading_is_main() -> bool:
@@ -437,8 +451,11 @@ def _follow(run: FederatedRun, work: Path, group: ProcessGroup, on_round, timeou
     timeout = timeout if timeout is not None else STARTUP_TIMEOUT + run.rounds * (run.round_timeout + 120.0)
     deadline = time.monotonic() + timeout
     progress, result, error = work / "rounds.jsonl", work / "result.json", work / "server-error.txt"
-    seen, killed = 0, []
+    seen, killed, recorded = 0, [], 0.0
     while True:
+        if time.monotonic() - recorded > 2.0:
+            group.record(work / "pids.json")
+            recorded = time.monotonic()
         if progress.is_file():
             rows = [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines() if line.strip()]
             for row in rows[seen:]:
