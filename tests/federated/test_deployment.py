@@ -126,3 +126,32 @@ def test_the_experiment_survives_the_run_config_round_trip(features):
     assert back.run.make_strategy().min_available_nodes == 1  # a dead node must not block the next round
     with pytest.raises(ConfigError, match="only rankwise classes"):
         decode({"__dataclass__": "os:system", "fields": {}})
+
+
+def make_test_certificates(directory: Path) -> Path:
+    """A throw-away CA and a SuperLink certificate for 127.0.0.1, with the openssl commands the guide shows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for cmd in (
+        "req -x509 -newkey rsa:2048 -nodes -days 2 -keyout ca.key -out ca.crt -subj /CN=rankwise-test-CA",
+        "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext -out server.pem",
+    ):
+        subprocess.run(["openssl", *cmd.split()], cwd=directory, check=True, capture_output=True)
+    return directory
+
+
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="openssl is needed to make the test certificates")
+def test_tls_run_with_user_certificates(features, tmp_path):
+    from rankwise.federated.deployment import run_federated_deployment
+    from rankwise.federated.simulation import FederatedRun
+    from rankwise.federated.task import HeadSpec
+
+    certs = make_test_certificates(tmp_path / "certs")
+    run = FederatedRun(features=str(features), strategy="lora-fair", clients=2, rounds=1, round_timeout=150.0,
+                       head=HeadSpec(in_features=12, hidden=12, num_classes=3, rank=4, lr=0.01))
+    result = run_federated_deployment(run, tmp_path / "tls", tls_dir=certs)
+    link_log = (Path(result["logs"]) / "superlink.log").read_text(errors="replace")
+    assert result["tls"] and "--insecure" not in link_log, link_log[-2000:]
+    assert [h["answered"] for h in result["history"]] == [0, 2], link_log[-2000:]
+    assert alive(result["pids"]) == []
