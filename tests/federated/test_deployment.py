@@ -65,7 +65,9 @@ def test_two_supernodes_a_killed_one_is_tolerated_and_no_process_is_left(feature
     logs = "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted((work / "logs").glob("*.log")))
     assert result.exit_code == 0, result.output + logs
     assert "killed the SuperNode of client 1 in round 2" in result.output
-    history = json.loads((out / "results.json").read_text())["strategies"]["fedit"]["history"]
+    record = json.loads((out / "results.json").read_text())["strategies"]["fedit"]
+    history = record["history"]
+    assert [(f["round"], f["clients"]) for f in record["failures"]] == [(2, [1])]  # the report names node and round
     assert [h["round"] for h in history] == [0, 1, 2], logs
     assert [h["answered"] for h in history[1:]] == [2, 1], logs        # both in round 1, the survivor in round 2
     assert history[1]["failed_clients"] == [] and history[2]["failed_clients"] == [1]
