@@ -1,4 +1,5 @@
-"""`rankwise federate`: federated LoRA (LoRA-FAIR, FedIT, FFA-LoRA, stacking) as a Flower simulation, LoRA inside the
+"""`rankwise federate`: federated LoRA (LoRA-FAIR, FedIT, FFA-LoRA, stacking) as a Flower simulation, or with
+`--deployment` on Flower's deployment runtime (a real SuperLink and SuperNodes as processes); LoRA inside the
 pretrained encoder (`--mode encoder`, default) or on a head over cached features (`--mode head`)."""
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ def register(app: typer.Typer) -> None:
         fail_mode: str = typer.Option("crash", help="...by raising ('crash') or sleeping past the timeout ('hang')."),
         seed: int = typer.Option(0),
         device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda: where each client trains."),
+        deployment: bool = typer.Option(False, "--deployment", help="Flower's deployment runtime instead of the simulation: a real "
+                                        "SuperLink and one SuperNode per client as processes on 127.0.0.1 (free ports; --insecure "
+                                        "unless --tls-dir). --fail-mode crash then kills that client's SuperNode for real."),
+        tls_dir: Optional[Path] = typer.Option(None, help="With --deployment: TLS between SuperNodes and SuperLink, with the "
+                                               "certificates in this directory (ca.crt, server.pem, server.key; see the federate guide)."),
     ) -> None:
         """Federated LoRA on a Flower simulation: per-round accuracy JSON and a plot comparing strategies."""
         from rankwise.core.console import print_error
@@ -68,6 +74,8 @@ def register(app: typer.Typer) -> None:
             from rankwise.data.models import resolve_device
 
             device = resolve_device(device).type  # before the encoder runs: a bad --device fails at once
+            if tls_dir is not None and not deployment:
+                raise ConfigError("--tls-dir is used only with --deployment (the simulation has no network): add --deployment or drop --tls-dir")
             if fail_client is not None and not 0 <= fail_client < clients:
                 raise ConfigError(f"--fail-client={fail_client} names no client: with --clients {clients} the clients are "
                                   f"0..{clients - 1}; the fault would never be injected")
@@ -121,7 +129,15 @@ def register(app: typer.Typer) -> None:
                 with Progress(*columns, console=console) as bar:
                     task = bar.add_task(run.strategy, total=rounds, acc="-")
                     advance = lambda row, task=task: bar.update(task, completed=row["round"], acc=f"{row['accuracy']:.3f}")  # noqa: E731
-                    result = run_federated(run, output / run.strategy, resume=resume, on_round=advance)
+                    if deployment:
+                        from rankwise.federated.deployment import run_federated_deployment
+
+                        result = run_federated_deployment(run, output / run.strategy, resume=resume, on_round=advance, tls_dir=tls_dir)
+                        for kill in result["killed"]:
+                            console.print(f"[yellow]killed[/yellow] the SuperNode of client {kill['client']} in round {kill['round']} "
+                                          f"(fault injection); the round went on with the others")
+                    else:
+                        result = run_federated(run, output / run.strategy, resume=resume, on_round=advance)
                 results = report.record_result(output, run.strategy, run.fingerprint(), result)
         except RankwiseError as err:
             print_error(err, console)

@@ -21,6 +21,8 @@ def record_result(output: Path, strategy: str, fingerprint: dict, result: dict) 
         "best_accuracy": max(h["accuracy"] for h in history),
         "seconds": result.get("seconds"),
         "dropped_client_rounds": sum(len(h["failed"]) for h in history),
+        # which client failed in which round (partition ids; rows written before this field existed have none)
+        "failures": [{"round": h["round"], "clients": h.get("failed_clients", []), "reasons": h["failed"]} for h in history if h["failed"]],
         "history": history,
     }
     atomic_write_text(path, json.dumps(results, indent=2, default=str))

@@ -314,8 +314,9 @@ def load_checkpoint(directory: Path, run: FederatedRun) -> tuple[int, dict, list
     return int(record["round"]), state, list(record["history"])
 
 
-def wait_for_clients(grid, clients: int, timeout: float = STARTUP_TIMEOUT) -> list[int]:
-    """Round-trip a query to every client; return the partition ids that answered (all, unless the timeout hit)."""
+def wait_for_clients(grid, clients: int, timeout: float = STARTUP_TIMEOUT) -> dict[int, int]:
+    """Round-trip a query to every client; return {node id: partition id} of those that answered (all, unless the
+    timeout hit). The map lets a round name the clients whose reply is missing."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     deadline = time.monotonic() + timeout
@@ -323,12 +324,13 @@ def wait_for_clients(grid, clients: int, timeout: float = STARTUP_TIMEOUT) -> li
         time.sleep(0.2)
     messages = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     replies = grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic()))
-    ready = sorted(int(next(iter(m.content.metric_records.values()))["partition-id"]) for m in replies if not m.has_error())
+    nodes = {m.metadata.src_node_id: int(next(iter(m.content.metric_records.values()))["partition-id"]) for m in replies if not m.has_error()}
+    ready = sorted(nodes.values())
     if len(ready) < clients:
         logging.getLogger("rankwise.federated").warning(
             "only clients %s of %d answered the start-up handshake within %.0f s; the others may be dropped in round 1",
             ready, clients, timeout)
-    return ready
+    return nodes
 
 
 def make_server_app(run: FederatedRun, output: Path, resume: bool, result: dict, on_round: Callable[[dict], None] | None = None):
@@ -346,10 +348,9 @@ def make_server_app(run: FederatedRun, output: Path, resume: bool, result: dict,
             start, state, history = load_checkpoint(checkpoints, run)
         else:
             start, state = 0, initial_state(run)
-            history = [{"round": 0, **global_accuracy(run, state, test), "answered": 0, "failed": [], "seconds": 0.0}]
+            history = [{"round": 0, **global_accuracy(run, state, test), "answered": 0, "failed": [], "failed_clients": [], "seconds": 0.0}]
         arrays = ArrayRecord(state)
-        if start < run.rounds:
-            wait_for_clients(grid, run.clients)
+        nodes = wait_for_clients(grid, run.clients) if start < run.rounds else {}
         for server_round in range(start + 1, run.rounds + 1):
             started = time.perf_counter()
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
@@ -361,6 +362,10 @@ def make_server_app(run: FederatedRun, output: Path, resume: bool, result: dict,
             state = arrays.to_torch_state_dict()
             log = strategy.round_log[server_round]
             log["failed"] += ["timeout"] * (len(messages) - len(replies))
+            # which clients sent no valid reply: partition ids (a node that skipped the handshake: "node <id>")
+            answered = {int(next(iter(m.content.metric_records.values()))["partition-id"]) for m in replies if not m.has_error()}
+            sent = [nodes.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}") for m in messages]
+            log["failed_clients"] = sorted((c for c in sent if c not in answered), key=str)
             row = {"round": server_round, **global_accuracy(run, state, test), **log, "seconds": time.perf_counter() - started}
             history.append(row)
             save_checkpoint(checkpoints, run, server_round, state, history)
