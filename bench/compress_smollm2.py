@@ -307,9 +307,10 @@ def main() -> None:
                                f"alternately in the same process, median of {args.repeats}, one CPU thread on a "
                                "shared 2-core machine: compare the ratio (× dense), not the absolute tokens/s.")}
     print(f"dense ppl {base_ppl:.3f}; methods {methods}", flush=True)
-    for method in methods:
-        config_cls, run = get_method(method)
-        for ratio in args.ratios:
+    # ratio-outer: an interrupted run has every method at the first ratios rather than one method at all of them
+    for ratio in args.ratios:
+        for method in methods:
+            config_cls, run = get_method(method)
             if args.skip_existing and (method, args.variant, ratio) in existing_rows(path):
                 print(f"skip {method} {args.variant!r} {ratio}: already measured", flush=True)
                 continue
