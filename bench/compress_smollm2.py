@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from _compress_results import existing_rows, merge_results  # bench/ is on sys.path when run as a script
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # measure this checkout's rankwise, not the venv's
+from _compress_results import existing_rows, merge_results  # noqa: E402  bench/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parent.parent / "docs"
