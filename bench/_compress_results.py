@@ -7,6 +7,15 @@ from pathlib import Path
 
 
 def merge_results(path: Path, rows: list[dict], meta: dict) -> dict:
+    """Add/replace rows keyed by (method, variant, ratio); a lock file lets parallel benchmark processes share one JSON."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _merge_locked(path, rows, meta)
+
+
+def _merge_locked(path: Path, rows: list[dict], meta: dict) -> dict:
     data = json.loads(path.read_text()) if path.exists() else {"meta": meta, "runs": []}
     keyed = {(r["method"], r["variant"], r["ratio"]): r for r in data["runs"]}
     for row in rows:
