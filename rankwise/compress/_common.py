@@ -536,3 +536,37 @@ def mean_causal_lm_loss(model: nn.Module, batches: list[Batch]) -> float:
     finally:
         model.train(was_training)
     return sum(losses) / max(len(losses), 1)
+
+
+def train_in_place(model: nn.Module, trainable: list[nn.Parameter], batches: list, loss_of: Callable[[Any], torch.Tensor],
+                   steps: int, optimizer: torch.optim.Optimizer, seed: int, progress: str) -> list[float]:
+    """`steps` optimizer steps of `loss_of(item)` cycling over `batches`, only `trainable` requiring grad.
+
+    The compressors' short post-compression training stages (AFM fine-tuning, LoRAM alignment) share this:
+    a private RNG stream (`seed`) so a run does not shift the caller's random state, and every parameter's
+    `requires_grad` and train/eval mode put back afterwards, even on error. Returns the per-step losses.
+    """
+    from itertools import cycle
+
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    chosen = {id(p) for p in trainable}
+    was_training = model.training
+    history: list[float] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.train()
+            for _step, item in zip(track(range(steps), progress), cycle(batches)):
+                loss = loss_of(item)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                history.append(float(loss.detach()))
+    finally:
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+    return history

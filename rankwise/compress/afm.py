@@ -29,7 +29,6 @@ a model without repeated blocks (a CTR model) is calibrated in one pass.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from torch import nn
 from rankwise.compress._common import (ACTIVATIONS, CompressConfig, CompressionReport, LowRankLinear, ReportBuilder,
                                        blockwise, causal_lm_loss, check_calibration, collect_moments, find_blocks,
                                        get_module, is_causal_lm, moment_hooks, run_block, run_model,
-                                       saves_parameters, select_linears, set_module, token_masks, track)
+                                       saves_parameters, select_linears, set_module, token_masks, train_in_place)
 from rankwise.compress.serialize import register_module_kind
 from rankwise.core.errors import ConfigError, ShapeError, TargetError, check_field
 from rankwise.linalg import SecondMoments, top_eigenvectors
@@ -247,30 +246,11 @@ def finetune(model: nn.Module, batches: list, labels: list | None, steps: int, c
         trainable = [p for n in factor_names for p in get_module(model, n).parameters()]
     else:
         trainable = list(model.parameters())
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    chosen = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in chosen)
     before = mean_task_loss(model, batches, labels)
     optimizer = torch.optim.Adam([p for p in trainable if p.is_floating_point()], lr=config.finetune_lr)
-    history = []
-    was_training = model.training
     pairs = list(zip(batches, labels or [None] * len(batches)))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            model.train()
-            for _step, (inputs, y) in zip(track(range(steps), "afm: fine-tuning"), itertools.cycle(pairs)):
-                loss = task_loss(model, inputs, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                history.append(float(loss.detach()))
-    finally:
-        model.train(was_training)
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-            p.grad = None
+    history = train_in_place(model, trainable, pairs, lambda pair: task_loss(model, *pair), steps, optimizer,
+                             config.seed, "afm: fine-tuning")
     return {"steps": steps, "lr": config.finetune_lr, "trainable": config.finetune_trainable,
             "trainable_params": sum(p.numel() for p in trainable), "loss_before": before,
             "loss_after": mean_task_loss(model, batches, labels), "history": history,

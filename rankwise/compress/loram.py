@@ -41,7 +41,7 @@ from torch import nn
 
 from rankwise.compress._common import (CompressConfig, CompressionReport, causal_lm_loss, check_calibration,
                                        count_parameters, collect_moments, find_blocks, get_module,
-                                       mean_causal_lm_loss, track)
+                                       mean_causal_lm_loss, track, train_in_place)
 from rankwise.core.errors import ConfigError, TargetError, check_field
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -249,29 +249,11 @@ def align_pruned(pruned: nn.Module, batches: list, steps: int, lr: float, seed: 
     """
     head = pruned.get_output_embeddings() if hasattr(pruned, "get_output_embeddings") else None
     frozen = {id(p) for p in head.parameters()} if head is not None else set()  # tied embeddings freeze too
-    flags = {id(p): p.requires_grad for p in pruned.parameters()}
     params = [p for p in pruned.parameters() if id(p) not in frozen and p.is_floating_point()]
     before = mean_causal_lm_loss(pruned, batches)
-    history = []
-    was_training = pruned.training
-    try:
-        for p in pruned.parameters():
-            p.requires_grad_(id(p) not in frozen)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            pruned.train()
-            for _step, batch in zip(track(range(steps), "loram: aligning the pruned model"), itertools.cycle(batches)):
-                loss = causal_lm_loss(pruned, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                history.append(float(loss.detach()))
-    finally:
-        pruned.train(was_training)
-        for p in pruned.parameters():
-            p.requires_grad_(flags[id(p)])
-            p.grad = None
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    history = train_in_place(pruned, params, batches, lambda batch: causal_lm_loss(pruned, batch), steps, optimizer,
+                             seed, "loram: aligning the pruned model")
     return {"steps": steps, "lr": lr, "loss_before": before, "loss_after": mean_causal_lm_loss(pruned, batches),
             "history": history}
 

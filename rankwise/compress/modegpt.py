@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rankwise.compress._common import (CompressConfig, CompressionReport, ReportBuilder, block_hidden, blockwise,
-                                       capture_block_inputs, check_calibration, find_blocks, get_module, moment_hooks,
+                                       capture_block_inputs, check_calibration, find_blocks, moment_hooks,
                                        real_rows, token_masks,
                                        run_block, with_hidden)
 from rankwise.compress.pruned_attention import PrunedRopeAttention, PrunedSelfAttention

@@ -7,7 +7,6 @@ machine. The timeouts below are generous for that reason; a healthy run never wa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,12 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from rankwise.cli import app
 from rankwise.core.errors import ConfigError
-from rankwise.federated.task import save_features
 
 pytest.importorskip("flwr")
 psutil = pytest.importorskip("psutil")
@@ -29,18 +26,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(3, 12, generator=g) * 2
-
-    def sample(n):
-        y = torch.randint(0, 3, (n,), generator=g)
-        return centres[y] + torch.randn(n, 12, generator=g), y
-
-    (train_x, train_y), (test_x, test_y) = sample(240), sample(90)
-    path = tmp_path_factory.mktemp("features") / "features.safetensors"
-    return save_features(path, {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y})
 
 
 def alive(pids):
@@ -57,7 +42,7 @@ def alive(pids):
 def test_two_supernodes_a_killed_one_is_tolerated_and_no_process_is_left(features, tmp_path):
     # client 1's SuperNode is SIGKILLed while it holds its round-2 message; round 2 aggregates client 0 only
     out = tmp_path / "run"
-    args = ["federate", "--deployment", "--features", str(features), "--strategy", "fedit", "--clients", "2", "--rounds", "2",
+    args = ["federate", "--deployment", "--mode", "head", "--features", str(features), "--strategy", "fedit", "--clients", "2", "--rounds", "2",
             "--hidden", "12", "--rank", "4", "--lr", "0.01", "--output", str(out), "--fail-client", "1", "--fail-round", "2",
             "--round-timeout", "150"]
     result = CliRunner().invoke(app, args)
@@ -84,7 +69,7 @@ def test_ctrl_c_stops_every_flower_process(features, tmp_path):
     code = ("import torch; torch.set_num_threads(1)\n"
             "from rankwise.cli import main\n"
             "import sys; sys.argv = ['rankwise'] + sys.argv[1:]; main()\n")
-    args = ["federate", "--deployment", "--features", str(features), "--strategy", "fedit", "--clients", "2", "--rounds", "50",
+    args = ["federate", "--deployment", "--mode", "head", "--features", str(features), "--strategy", "fedit", "--clients", "2", "--rounds", "50",
             "--hidden", "12", "--rank", "4", "--output", str(out)]
     driver = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     pids_file = out / "fedit" / "deployment" / "pids.json"
@@ -111,7 +96,7 @@ def test_tls_dir_needs_the_three_files_and_the_deployment(features, tmp_path):
     (tmp_path / "ca.crt").write_text("x")
     with pytest.raises(ConfigError, match="server.pem"):
         TlsFiles.from_dir(tmp_path)
-    result = CliRunner().invoke(app, ["federate", "--features", str(features), "--tls-dir", str(tmp_path), "--output", str(tmp_path / "o")])
+    result = CliRunner().invoke(app, ["federate", "--mode", "head", "--features", str(features), "--tls-dir", str(tmp_path), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--deployment" in result.output
 
 

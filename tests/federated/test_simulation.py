@@ -11,24 +11,12 @@ from typer.testing import CliRunner
 from rankwise.cli import app
 from rankwise.core.errors import CheckpointError
 from rankwise.federated.simulation import FaultSpec, FederatedRun, load_checkpoint, run_federated
-from rankwise.federated.task import HeadSpec, save_features
+from rankwise.federated.task import HeadSpec
 
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(3, 12, generator=g) * 2
-
-    def sample(n):
-        y = torch.randint(0, 3, (n,), generator=g)
-        return centres[y] + torch.randn(n, 12, generator=g), y
-
-    (train_x, train_y), (test_x, test_y) = sample(240), sample(90)
-    path = tmp_path_factory.mktemp("features") / "features.safetensors"
-    return save_features(path, {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y})
 
 
 def test_crash_is_dropped_hang_times_out_and_resume_reproduces_the_uninterrupted_run(features, tmp_path):
