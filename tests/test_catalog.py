@@ -21,6 +21,7 @@ INFRASTRUCTURE = {
     "rankwise.compress.evaluate", "rankwise.compress.serialize", "rankwise.compress.pruned_attention",
     "rankwise.federated.base", "rankwise.federated.partition", "rankwise.federated.report",
     "rankwise.federated.simulation", "rankwise.federated.task", "rankwise.federated.encoder_task",
+    "rankwise.federated.deployment",
     "rankwise.solvers.result", "rankwise.layers.s4d_demo",
 }
 TRAIN_INFRASTRUCTURE = {"checkpoint", "distributed", "finetune", "hf", "loop", "lora_tools", "procedures", "reporting"}
