@@ -345,13 +345,17 @@ def read_structure(root: Path) -> dict[str, Any]:
     """The checked `compression.json` of a compressed directory."""
     if not (root / STRUCTURE).exists():
         raise CheckpointError(f"{root / STRUCTURE} is missing: is {root} a directory written by `rankwise compress`?")
+    return _check_schema(_read_json(root / STRUCTURE), root / STRUCTURE)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of a compressed directory; a damaged one is a `CheckpointError` naming it."""
     try:
-        meta = json.loads((root / STRUCTURE).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
-        raise CheckpointError(f"{root / STRUCTURE} is nested too deeply: the file is damaged") from None
+        raise CheckpointError(f"{path} is nested too deeply: the file is damaged") from None
     except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise CheckpointError(f"{root / STRUCTURE} cannot be read as JSON ({short_repr(str(exc))})") from None
-    return _check_schema(meta, root / STRUCTURE)
+        raise CheckpointError(f"{path} cannot be read as JSON ({short_repr(str(exc))})") from None
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -397,12 +401,7 @@ def read_hf_config(root: Path):
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    try:
-        data = json.loads((root / HF_CONFIG).read_text(encoding="utf-8"))
-    except RecursionError:
-        raise CheckpointError(f"{root / HF_CONFIG} is nested too deeply: the file is damaged") from None
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise CheckpointError(f"{root / HF_CONFIG} cannot be read as JSON ({short_repr(str(exc))})") from None
+    data = _read_json(root / HF_CONFIG)
     if not isinstance(data, dict):
         raise CheckpointError(f"{root / HF_CONFIG} must hold a JSON object")
     if ORIGINAL_MODEL_TYPE in data:

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import rankwise
-from rankwise.core.errors import CheckpointError, ConfigError
+from rankwise.core.errors import ConfigError
 from rankwise.core.io import atomic_write, atomic_write_text
-from rankwise.federated.task import client_lora_config, freeze_A
+from rankwise.federated.task import client_lora_config, freeze_A, load_keyed_tensors
 from rankwise.train.loop import TrainConfig, train
 from rankwise.train.tasks.classification import evaluate_accuracy
 
@@ -162,12 +162,5 @@ def cached_tokens(data, model_path=None, max_length: int = 64, cache_dir: str | 
 
 
 def load_tokens(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"token file {str(path)!r} does not exist")
-    tensors = load_file(str(path))
-    missing = [k for k in TOKEN_KEYS if k not in tensors]
-    if missing:
-        raise CheckpointError(f"token file {path} lacks {missing}: expected keys {TOKEN_KEYS} (written by cached_tokens); "
-                              "a feature file is for --mode head")
-    return tensors
+    return load_keyed_tensors(path, TOKEN_KEYS, "token file",
+                              " (written by cached_tokens); a feature file is for --mode head")

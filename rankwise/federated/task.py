@@ -214,15 +214,20 @@ def cached_features(data, model_path=None, max_length: int = 64, cache_dir: str 
     return path
 
 
-def load_features(path: str | Path) -> dict[str, torch.Tensor]:
+def load_keyed_tensors(path: str | Path, keys, what: str, hint: str = "") -> dict[str, torch.Tensor]:
+    """A client data file (safetensors): ConfigError when absent, CheckpointError naming the missing `keys`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"feature file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     tensors = load_file(str(path))
-    missing = [k for k in FEATURE_KEYS if k not in tensors]
+    missing = [k for k in keys if k not in tensors]
     if missing:
-        raise CheckpointError(f"feature file {path} lacks {missing}: expected keys {FEATURE_KEYS}")
+        raise CheckpointError(f"{what} {path} lacks {missing}: expected keys {keys}{hint}")
     return tensors
+
+
+def load_features(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_keyed_tensors(path, FEATURE_KEYS, "feature file")
 
 
 def save_features(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:

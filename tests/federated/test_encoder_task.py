@@ -143,3 +143,16 @@ def test_cli_default_mode_is_encoder_and_runs_on_flower(encoder_dir, tmp_path):
     assert "server_cosine" in results["strategies"]["lora-fair"]["history"][1]
     bad = CliRunner().invoke(app, ["federate", "--features", str(csv), "--output", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--mode head" in " ".join(bad.output.split())
+
+
+def test_client_data_files_fail_clearly_when_absent_or_of_the_other_mode(tmp_path, features):
+    from rankwise.core.errors import CheckpointError, ConfigError
+    from rankwise.federated.encoder_task import load_tokens
+    from rankwise.federated.task import load_features
+
+    with pytest.raises(ConfigError, match="token file .* does not exist"):
+        load_tokens(tmp_path / "none.safetensors")
+    with pytest.raises(ConfigError, match="feature file .* does not exist"):
+        load_features(tmp_path / "none.safetensors")
+    with pytest.raises(CheckpointError, match=r"lacks \['train_ids'.*--mode head"):
+        load_tokens(features)
